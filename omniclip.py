@@ -1,0 +1,539 @@
+"""OmniCLIP: Adapting CLIP for Video Recognition with Spatial-Temporal Omni-Scale Feature Learning.
+
+The whole model in one file, top to bottom in reading order: config, CLIP (written from scratch,
+OpenAI's parameter names), the Self-Prompt Generator (SPG, Eq. 6), the Parallel Temporal Adapter
+(PTA, Eq. 7), the spatial-temporal block (Eqs. 2-4), frame aggregation (Eq. 5), X-CLIP's
+video-specific text prompts, OmniCLIP's logits (Eq. 8) and loss (Eq. 9), then model accounting.
+Pure torch.nn: no file or network I/O (that is clip_weights.py).
+
+Shape legend: B batch, T frames, N tokens per frame (1 + K, plus K/4 SPG prompts), K patches,
+D ViT width, E joint embed dim, C classes, L text length, h heads.
+Where the paper is silent or ambiguous, comments say "paper is silent; we ..." and
+../shared/SPEC.md names the choice.
+"""
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# The CLIP fields of OmniCLIPConfig for OpenAI's released ViTs, so a model can be built with random
+# weights (benchmark, tests) without a download. `tiny` runs the same code path in seconds on a CPU.
+_B = dict(context_length=77, vocab_size=49408, text_layers=12)
+ARCHITECTURES = {
+    "ViT-B/32": dict(_B, embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=32, text_width=512, text_heads=8),
+    "ViT-B/16": dict(_B, embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+                     vision_patch_size=16, text_width=512, text_heads=8),
+    "ViT-L/14": dict(_B, embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+                     vision_patch_size=14, text_width=768, text_heads=12),
+    "ViT-L/14@336px": dict(_B, embed_dim=768, image_resolution=336, vision_layers=24,
+                           vision_width=1024, vision_patch_size=14, text_width=768, text_heads=12),
+    "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128,
+                 vision_patch_size=16, context_length=77, vocab_size=49408, text_width=128,
+                 text_heads=2, text_layers=2),
+}
+CONNECTIONS = ("block-parallel", "attention-parallel", "cascade")
+
+
+@dataclass
+class OmniCLIPConfig:
+    # CLIP architecture: read from the weights' shapes (clip_weights.clip_architecture)
+    embed_dim: int = 512            # E
+    image_resolution: int = 224     # H = W
+    vision_layers: int = 12
+    vision_width: int = 768         # D; heads = D / 64, as in OpenAI's ViTs
+    vision_patch_size: int = 16     # P
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_heads: int = 8
+    text_layers: int = 12
+    # OmniCLIP
+    frames: int = 8                 # T; Table 1: 8 supervised, 32 few-shot and zero-shot (Sec. 4)
+    pta: bool = True                # Table 7: the Parallel Temporal Adapter on/off
+    pta_layers: list | None = None  # Table 10: 0-indexed layers with a PTA; None = all (the paper's best)
+    temporal_ratio: float = 0.25    # Table 8: Down projector ratio, 1/4 best
+    connection: str = "block-parallel"  # Table 11: block-parallel (ours) | attention-parallel | cascade
+    spg: bool = True                # Table 7: the Self-Prompt Generator on/off
+    spg_pooling: str = "avg"        # Table 9: avg | max
+    spg_projector: bool = True      # Table 9: learnable projector after pooling
+    video_prompts: bool = True      # X-CLIP's video-specific text prompts (Sec. 3.1 "following [26]")
+    prompt_layers: int = 2          # X-CLIP's released configuration: 2 prompt blocks
+    gradient_checkpointing: bool = False  # recompute blocks in backward: memory for time at large T
+
+    def __post_init__(self):
+        if self.connection not in CONNECTIONS:
+            raise ValueError(f"connection must be one of {CONNECTIONS}, got {self.connection!r}")
+        if self.spg_pooling not in ("avg", "max"):
+            raise ValueError(f"spg_pooling must be 'avg' or 'max', got {self.spg_pooling!r}")
+        if self.image_resolution % self.vision_patch_size:
+            raise ValueError("image_resolution must be a multiple of vision_patch_size")
+        if self.pta_layers is not None:
+            self.pta_layers = sorted(int(i) for i in self.pta_layers)
+            bad = [i for i in self.pta_layers if not 0 <= i < self.vision_layers]
+            if bad:
+                raise ValueError(f"pta_layers {bad} outside 0..{self.vision_layers - 1}")
+
+    @property
+    def grid(self):                 # patches per side: K = grid * grid
+        return self.image_resolution // self.vision_patch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP, written from scratch with OpenAI's parameter names, so its checkpoints load with no mapping.
+
+class QuickGELU(nn.Module):
+    """CLIP's activation, x * sigmoid(1.702 x): OpenAI trained with it, so we must use it too."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter names, computed by
+    scaled_dot_product_attention. Self-attention by default; `context` gives cross-attention."""
+
+    def __init__(self, width, num_heads):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.normal_(self.in_proj_weight, std=width ** -0.5)
+
+    def forward(self, x, context=None, is_causal=False):
+        B, L, D = x.shape  # B here is any batch: frames, token positions or videos
+        if context is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
+            b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+            q = F.linear(x, w_q, b_q)
+            k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
+        h = self.num_heads
+        q, k, v = (t.unflatten(-1, (h, D // h)).transpose(1, 2) for t in (q, k, v))  # (B, h, L, D/h)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)              # (B, h, L, D/h)
+        return self.out_proj(x.transpose(1, 2).flatten(2))                            # (B, L, D)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """CLIP's pre-LN transformer block. `attention` and `feed_forward` are the two residual
+    branches, exposed so the Table 11 connections can put an adapter beside either."""
+
+    def __init__(self, width, heads, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+
+    def attention(self, x):
+        return self.attn(self.ln_1(x), is_causal=self.causal)
+
+    def feed_forward(self, x):
+        return self.mlp(self.ln_2(x))
+
+    def forward(self, x):
+        x = x + self.attention(x)
+        return x + self.feed_forward(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+
+    def forward(self, x):
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, resolution, patch_size, width, layers, embed_dim):
+        super().__init__()
+        grid = resolution // patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(width))
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1 + grid * grid, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads=width // 64)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(width ** -0.5 * torch.randn(width, embed_dim))
+
+    def embed(self, images):
+        """Patch embedding + class token + positional embedding: X^0 + PE of Eq. (1)."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)               # (B, K, D)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+K, D)
+
+    def forward(self, images):
+        x = self.transformer(self.ln_pre(self.embed(images)))
+        return self.ln_post(x[:, 0]) @ self.proj                        # (B, E)
+
+
+class CLIP(nn.Module):
+    """OpenAI's CLIP (ViT image tower + causal text transformer). LayerNorm runs in the input's
+    dtype; under autocast PyTorch computes it in fp32, which is what OpenAI's fp32 cast achieves."""
+
+    def __init__(self, config: OmniCLIPConfig):
+        super().__init__()
+        c = config
+        self.context_length = c.context_length
+        self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
+                                        c.vision_layers, c.embed_dim)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, causal=True)
+        self.ln_final = nn.LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
+
+    def encode_image(self, images):                                     # (B, 3, H, W) -> (B, E)
+        return self.visual(images)
+
+    def encode_text(self, tokens):                                      # (C, L) -> (C, E)
+        x = self.token_embedding(tokens) + self.positional_embedding    # (C, L, W)
+        x = self.ln_final(self.transformer(x))
+        eot = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]        # EOT has the largest id
+        return eot @ self.text_projection
+
+
+# ----------------------------------------------------------------------------------------------
+# OmniCLIP's new modules.
+
+class SelfPromptGenerator(nn.Module):
+    """Eq. (6): R = Projector(Avg(V^0)), K/4 prompt tokens per frame from 2x2 pooling of the patches.
+
+    Paper is silent on the projector's widths and init; we use D -> D/4 -> D with GELU, applied
+    residually (R = A + MLP(A)) with its last layer at zero, so at init the prompts are Table 9's
+    'Avg.' variant. For an odd patch grid (ViT-B/32: 7x7) we pool with ceil_mode: 4x4 prompts."""
+
+    def __init__(self, width, grid, pooling="avg", projector=True):
+        super().__init__()
+        self.grid, self.pooling = grid, pooling
+        self.projector = None
+        if projector:
+            self.projector = nn.Sequential(nn.Linear(width, width // 4), nn.GELU(),
+                                           nn.Linear(width // 4, width))
+
+    def forward(self, patches):                                         # (B·T, K, D)
+        g = self.grid
+        x = patches.transpose(1, 2).unflatten(2, (g, g))                # (B·T, D, g, g)
+        pool = F.avg_pool2d if self.pooling == "avg" else F.max_pool2d
+        prompts = pool(x, 2, ceil_mode=True).flatten(2).transpose(1, 2)  # (B·T, K/4, D)
+        if self.projector is not None:
+            prompts = prompts + self.projector(prompts)
+        return prompts
+
+
+class ParallelTemporalAdapter(nn.Module):
+    """Eq. (7): V_t = Up(Attn(Down(V))), every token position attending over the T frames.
+
+    Attn is the ViT attention block (LayerNorm + multi-head self-attention, head width 64) with
+    fresh weights. Class and SPG prompt tokens attend over time too (paper Sec. 3.3: "the input of
+    PTA contains self-prompts"). Up starts at zero, so a new PTA adds nothing."""
+
+    def __init__(self, width, temporal_ratio=0.25):
+        super().__init__()
+        hidden = int(width * temporal_ratio)
+        self.down = nn.Linear(width, hidden)
+        self.ln = nn.LayerNorm(hidden)
+        self.attn = Attention(hidden, num_heads=max(1, hidden // 64))
+        self.up = nn.Linear(hidden, width)
+
+    def forward(self, x, frames):                                       # (B·T, N, D)
+        BT, N, _ = x.shape
+        x = self.down(x)                                                # (B·T, N, d)
+        x = x.unflatten(0, (BT // frames, frames)).transpose(1, 2).flatten(0, 1)  # (B·N, T, d)
+        x = self.attn(self.ln(x))                                       # (B·N, T, d)
+        x = x.unflatten(0, (BT // frames, N)).transpose(1, 2).flatten(0, 1)       # (B·T, N, d)
+        return self.up(x)                                               # (B·T, N, D)
+
+
+class SpatialTemporalBlock(nn.Module):
+    """Eqs. (2)-(4): a frozen CLIP ViT layer with a trainable PTA beside it, fused by alpha.
+
+    The frozen layer is passed in rather than held, so its weights live once, under `clip.`.
+    To try another adapter, replace `self.pta` (any module mapping (B·T, N, D), frames to the same)."""
+
+    def __init__(self, width, temporal_ratio=0.25, connection="block-parallel"):
+        super().__init__()
+        self.connection = connection
+        self.pta = ParallelTemporalAdapter(width, temporal_ratio)
+        self.alpha = nn.Parameter(torch.ones(()))  # Eq. (4): one learnable scalar per layer, init 1
+
+    def forward(self, x, vit, frames):
+        if self.connection == "block-parallel":      # Fig. 5(c), ours
+            spatial = vit(x)                          # Eq. (2): V_s = ViT(V^{i-1})
+            temporal = self.pta(x, frames)            # Eq. (3): V_t = PTA(V^{i-1})
+            return spatial + self.alpha * temporal    # Eq. (4): V^i = V_s + alpha * V_t
+        if self.connection == "attention-parallel":  # Fig. 5(b): PTA beside the attention only
+            x = x + vit.attention(x) + self.alpha * self.pta(x, frames)
+            return x + vit.feed_forward(x)
+        x = x + self.alpha * self.pta(x, frames)      # Fig. 5(c) cascade: adapter, then the layer
+        return vit(x)
+
+
+class FrameAggregation(nn.Module):
+    """Eq. (5): F_V = Avg(MHA([F_1 .. F_T])). Paper writes no residual; we use F + MHA(LN(F)) with
+    the MHA output at zero, so at init F_V is CLIP's frame average (its zero-shot classifier)."""
+
+    def __init__(self, embed_dim):
+        super().__init__()
+        self.ln = nn.LayerNorm(embed_dim)
+        self.attn = Attention(embed_dim, num_heads=max(1, embed_dim // 64))
+
+    def forward(self, frame_features):                                  # (B, T, E)
+        return (frame_features + self.attn(self.ln(frame_features))).mean(dim=1)  # (B, E)
+
+
+class PromptBlock(nn.Module):
+    """One block of X-CLIP's prompt generator: class features attend to the video's patches."""
+
+    def __init__(self, embed_dim):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(embed_dim)
+        self.attn = Attention(embed_dim, num_heads=max(1, embed_dim // 64))
+        self.ln_2 = nn.LayerNorm(embed_dim)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(embed_dim, 4 * embed_dim),
+                                             gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * embed_dim, embed_dim)))
+
+    def forward(self, x, patches):                  # (B, C, E), (B, K, E)
+        x = x + self.attn(self.ln_1(x), context=patches)
+        return x + self.mlp(self.ln_2(x))
+
+
+class VideoSpecificPrompt(nn.Module):
+    """X-CLIP Sec. 3.3: c_hat = c + gamma * c_tilde, c_tilde from the class features attending to
+    the video's patch tokens. Departures (SPEC): keys/values are the patches through CLIP's frozen
+    ln_post and proj (X-CLIP learns its own), and output projections start at zero (X-CLIP: random),
+    so at init c_hat = 1.1 c, whose cosine with any video equals that of c."""
+
+    def __init__(self, embed_dim, layers=2):
+        super().__init__()
+        self.ln = nn.LayerNorm(embed_dim)
+        self.blocks = nn.ModuleList([PromptBlock(embed_dim) for _ in range(layers)])
+        self.gamma = nn.Parameter(torch.full((embed_dim,), 0.1))  # X-CLIP: learnable, init 0.1
+
+    def forward(self, class_features, patches):    # (C, E), (B, K, E)
+        patches = self.ln(patches)
+        x = class_features.expand(patches.shape[0], -1, -1)            # (B, C, E)
+        for block in self.blocks:
+            x = block(x, patches)
+        return class_features + self.gamma * x                          # (B, C, E)
+
+
+def cosine_logits(video_features, class_features, logit_scale):
+    """Eq. (8): exp(logit_scale) * cos(F_V, F_T); class features (C, E) or per video (B, C, E)."""
+    v = F.normalize(video_features, dim=-1)                             # (B, E)
+    c = F.normalize(class_features, dim=-1)
+    if c.dim() == 2:
+        return logit_scale.exp() * v @ c.t()                            # (B, C)
+    return logit_scale.exp() * torch.einsum("be,bce->bc", v, c)         # (B, C)
+
+
+def video_loss(logits, targets, label_smoothing=0.0):
+    """Eq. (9): cross-entropy of softmax(sim). Targets are labels (B,) or soft targets (B, C)
+    (mixup/cutmix); computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+class OmniCLIP(nn.Module):
+    def __init__(self, config: OmniCLIPConfig):
+        super().__init__()
+        c = self.config = config
+        self.clip = CLIP(config)
+        self.clip.requires_grad_(False)             # every CLIP weight is frozen, logit scale too
+        D, E = c.vision_width, c.embed_dim
+        self.temporal_embedding = nn.Parameter(torch.zeros(c.frames, D))   # Eq. (1): TE, (T, D)
+        self.spg = SelfPromptGenerator(D, c.grid, c.spg_pooling, c.spg_projector) if c.spg else None
+        layers = range(c.vision_layers) if c.pta_layers is None else c.pta_layers
+        self.blocks = nn.ModuleDict({str(i): SpatialTemporalBlock(D, c.temporal_ratio, c.connection)
+                                     for i in (layers if c.pta else [])})
+        self.frame_aggregation = FrameAggregation(E)
+        self.prompt_generator = VideoSpecificPrompt(E, c.prompt_layers) if c.video_prompts else None
+        self._init_adapters()
+
+    @torch.no_grad()
+    def _init_adapters(self):
+        """What is new, how it starts, and why. Everything here trains; nothing under `clip.` does.
+
+        | tensor                          | starts at          | so that at init                |
+        | temporal_embedding (Eq. 1)      | 0                  | frames are CLIP's frames       |
+        | spg.projector (Eq. 6)           | last layer 0       | prompts are the 2x2 averages   |
+        | blocks.i.pta.down / attn        | random             | the adapter can learn          |
+        | blocks.i.pta.up (Eq. 7)         | 0                  | V_t = 0: the ViT is unchanged  |
+        | blocks.i.alpha (Eq. 4)          | 1                  |                                |
+        | frame_aggregation.attn.out_proj | 0                  | F_V = mean_t F_t (Eq. 5)       |
+        | prompt_generator out projs      | 0, gamma 0.1       | c_hat = 1.1 c: same cosine     |
+        """
+        zero = [block.pta.up for block in self.blocks.values()]
+        zero.append(self.frame_aggregation.attn.out_proj)
+        if self.spg is not None and self.spg.projector is not None:
+            zero.append(self.spg.projector[2])
+        if self.prompt_generator is not None:
+            for block in self.prompt_generator.blocks:
+                zero += [block.attn.out_proj, block.mlp.c_proj]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def encode_classes(self, tokens):
+        """Class text features (C, E) from the frozen text tower. The tower is frozen, so callers
+        compute this once per class list and pass it to forward: a training step runs no text."""
+        return self.clip.encode_text(tokens)
+
+    def encode_frames(self, videos):
+        """The video encoder up to the per-frame features: Eqs. (1)-(4), (6), (7).
+        Returns F_{V,t} (B, T, E) and the patch tokens averaged over time (B, K, E), or None
+        when there is no prompt generator to use them."""
+        B, T = videos.shape[:2]
+        if T != self.config.frames:
+            raise ValueError(f"video has {T} frames, model was built for {self.config.frames}")
+        visual, K = self.clip.visual, self.config.grid ** 2
+        x = visual.embed(videos.flatten(0, 1))                          # (B·T, 1+K, D): X^0 + PE
+        te = self.temporal_embedding.to(x.dtype)
+        x = (x.unflatten(0, (B, T)) + te[None, :, None]).flatten(0, 1)  # Eq. (1): + TE, (B·T, 1+K, D)
+        if self.spg is not None:
+            prompts = self.spg(x[:, 1:])                                # Eq. (6): (B·T, K/4, D)
+            x = torch.cat([x, prompts], dim=1)                          # (B·T, N, D), N = 1+K+K/4
+        x = visual.ln_pre(x)
+        for i, vit in enumerate(visual.transformer.resblocks):
+            block = self.blocks[str(i)] if str(i) in self.blocks else None
+            args = (x, vit, T) if block is not None else (x,)
+            layer = block if block is not None else vit
+            if self.config.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        # the patch tokens are only needed as the prompt generator's keys and values
+        keep = 1 + K if self.prompt_generator is not None else 1
+        x = visual.ln_post(x[:, :keep]) @ visual.proj                   # (B·T, 1+K, E)
+        x = x.unflatten(0, (B, T))                                      # (B, T, 1+K, E)
+        patches = x[:, :, 1:].mean(dim=1) if keep > 1 else None         # (B, K, E)
+        return x[:, :, 0], patches                                      # (B, T, E), (B, K, E)
+
+    def encode_video(self, videos):
+        """Video features F_V (B, E) (Eq. 5) and time-averaged patch tokens (B, K, E)."""
+        frame_features, patches = self.encode_frames(videos)
+        return self.frame_aggregation(frame_features), patches
+
+    def forward(self, videos, class_features):
+        """(B, T, 3, H, W) videos and cached (C, E) class features -> (B, C) logits (Eq. 8)."""
+        video_features, patches = self.encode_video(videos)
+        if self.prompt_generator is not None:
+            class_features = self.prompt_generator(class_features.to(patches.dtype), patches)
+        return cosine_logits(video_features, class_features, self.clip.logit_scale)
+
+    def trainable_state_dict(self):
+        """The adapters only: what a checkpoint holds. CLIP's weights come from OpenAI's file."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, state):
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise KeyError(f"adapter tensors do not match this model's config: "
+                           f"missing {missing}, unexpected {unexpected}")
+        for name, tensor in own.items():
+            if tensor.shape != state[name].shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)}, "
+                                 f"model shape {tuple(tensor.shape)}")
+            tensor.copy_(state[name])
+
+
+class FrameAverageCLIP(nn.Module):
+    """The baseline: CLIP's image tower on every frame, features averaged (ViFi-CLIP's model;
+    X-CLIP's "CLIP-Mean"). OmniCLIP at initialisation with SPG off computes exactly this."""
+
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, videos, class_features):
+        B, T = videos.shape[:2]
+        frames = self.clip.encode_image(videos.flatten(0, 1)).unflatten(0, (B, T))  # (B, T, E)
+        return cosine_logits(frames.mean(dim=1), class_features, self.clip.logit_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model accounting, for the benchmark and the README. MACs = multiply-adds, the convention of the
+# paper's "GFLOPs" column (fvcore's); torch's flop counter counts 2 FLOPs per multiply-add.
+
+def count_parameters(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return dict(total=total, trainable=trainable, frozen=total - trainable)
+
+
+def count_macs(model, videos, class_features):
+    """Multiply-adds of one forward, counted by torch.utils.flop_counter on the real ops.
+    The CPU's fused attention kernel has no formula in torch's table, so we give it the standard one."""
+    from torch.utils import flop_counter
+    extra = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa not in flop_counter.flop_registry:
+        extra[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: (
+            flop_counter.sdpa_flop_count(q, k, v))
+    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as fc:
+        model(videos, class_features)
+    return fc.get_total_flops() // 2
+
+
+def _block_macs(tokens, width):
+    """One pre-LN transformer block on `tokens` tokens: qkv + out (4 N D^2), scores and values
+    (2 N^2 D), MLP (8 N D^2). LayerNorms, softmax and GELU are not multiply-adds."""
+    return 12 * tokens * width ** 2 + 2 * tokens ** 2 * width
+
+
+def analytic_macs(config: OmniCLIPConfig, num_classes):
+    """Multiply-adds per view (one clip of T frames), by part, from the shapes alone.
+    The text tower is excluded: class features are computed once and cached."""
+    c, C = config, num_classes
+    T, D, E, P, K = c.frames, c.vision_width, c.embed_dim, c.vision_patch_size, c.grid ** 2
+    g4 = math.ceil(c.grid / 2)
+    prompts = g4 * g4 if c.spg else 0
+    N0, N = 1 + K, 1 + K + prompts
+    layers = c.vision_layers if c.pta_layers is None else len(c.pta_layers)
+    d = int(D * c.temporal_ratio)
+    parts = {
+        "patch_embedding": T * K * 3 * P * P * D,
+        "clip_blocks": T * c.vision_layers * _block_macs(N0, D),
+        "extra_prompt_tokens": T * c.vision_layers * (_block_macs(N, D) - _block_macs(N0, D)),
+        # per frame and token: Down + Up (2 D d), qkv + out (4 d^2); per token position: T^2 d twice
+        "pta": (T * N * (2 * D * d + 4 * d * d) + N * 2 * T * T * d) * layers if c.pta else 0,
+        "spg": T * prompts * 2 * D * (D // 4) if (c.spg and c.spg_projector) else 0,
+        "ln_post_proj": T * ((1 + K) if c.video_prompts else 1) * D * E,
+        "eq5_head": T * 4 * E * E + 2 * T * T * E,
+        # per block: keys/values of K patches (2 K E^2), per class: q, out, MLP (10 E^2), attention 2 K E
+        "text_prompts": c.prompt_layers * (2 * K * E * E + C * (10 * E * E + 2 * K * E))
+        if c.video_prompts else 0,
+        "logits": C * E,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def analytic_baseline_macs(config: OmniCLIPConfig, num_classes):
+    """The frame-average CLIP baseline's multiply-adds per view, same counting."""
+    c = config
+    K = c.grid ** 2
+    return (c.frames * (K * 3 * c.vision_patch_size ** 2 * c.vision_width
+                        + c.vision_layers * _block_macs(1 + K, c.vision_width)
+                        + c.vision_width * c.embed_dim) + num_classes * c.embed_dim)
