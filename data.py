@@ -1,0 +1,733 @@
+"""Video data for OmniCLIP: PyAV decoding, sparse frame sampling, clip transforms in plain torch,
+the official dataset layouts, few-shot subsets and a synthetic dataset with motion classes.
+
+Shape legend: T frames, H x W decoded frame, S output size, V views (temporal x spatial).
+A decoded clip is uint8 (T, H, W, 3); a model-ready clip is float32 (T, 3, S, S), CLIP-normalised.
+
+As a script it checks a dataset (the "doctor") or measures the loader:
+    python data.py --dataset hmdb51 --data-root DIR --split 1
+    python data.py --benchmark --frames 8 32
+"""
+import argparse
+import collections
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pretraining statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DATASETS = ("hmdb51", "ucf101", "k400", "ssv2", "list")
+
+
+class VideoError(Exception):
+    """A video that cannot be read; the message names the file and the cause."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+@contextlib.contextmanager
+def _reading(path):
+    """Turn whatever goes wrong while reading `path` into a VideoError naming it."""
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)")
+    try:
+        yield
+    except (av.FFmpegError, OSError, EOFError) as error:
+        raise VideoError(f"{path}: {type(error).__name__}: {error}") from error
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame + slice threads: several times faster than the default
+    return stream
+
+
+def _count_packets(container, stream):
+    """Frames counted by demuxing alone (one packet per frame), no decoding."""
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def count_frames(path):
+    """Frames in a video: the container's count, else (WebM keeps none) its packets."""
+    with _reading(path), av.open(path) as container:
+        stream = _video_stream(container, path)
+        return stream.frames or _count_packets(container, stream)
+
+
+def read_frames(path, choose_indices):
+    """Decode the frames `choose_indices(num_frames)` asks for: uint8 (len(indices), H, W, 3).
+
+    Frames are numbered in presentation order, the order the decoder returns them, so B-frames
+    and odd timestamps need no care, and no seeking (which lands on a keyframe) is needed: sparse
+    sampling wants a frame from the first segment anyway. Decoding stops after the last frame
+    needed; the rest of the file is only demuxed, to check that it holds every frame its header
+    lists (a truncated or damaged file is an error, not a shorter clip)."""
+    with _reading(path), av.open(path) as container:
+        stream = _video_stream(container, path)
+        listed = stream.frames
+        if listed == 0:  # WebM/MKV keep no frame count: count packets, then rewind
+            listed = _count_packets(container, stream)
+            container.seek(0)
+        if listed == 0:
+            raise VideoError(f"{path}: the video stream holds no frames")
+        indices = [int(i) for i in choose_indices(listed)]
+        last, needed = max(indices), set(indices)
+        arrays, decoded, packets, latest = {}, 0, 0, None
+        for packet in container.demux(stream):
+            packets += packet.size > 0
+            if decoded > last:
+                continue  # past the last frame needed: count packets only
+            for frame in packet.decode():
+                if decoded in needed:
+                    arrays[decoded] = frame.to_ndarray(format="rgb24")
+                decoded, latest = decoded + 1, frame
+        # Header counts can be off by a frame or two at the end (encoder flush, dropped-frame
+        # markers); a larger shortfall is a truncated or damaged file.
+        slack = max(2, listed // 100)
+        if packets < listed - slack:
+            raise VideoError(f"{path}: header lists {listed} frames but the file holds {packets} "
+                             "(truncated or damaged)")
+        if decoded <= last:
+            if decoded == 0 or decoded < listed - slack:
+                raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
+                                 "(damaged stream)")
+            tail = latest.to_ndarray(format="rgb24")  # within the slack: repeat the last frame
+            arrays.update({i: tail for i in needed if i >= decoded})
+    return np.stack([arrays[i] for i in indices])
+
+
+def check_video(path):
+    """Decode a whole video (the doctor's check); returns its frame count or raises VideoError."""
+    count = []
+    read_frames(path, lambda n: count.append(n) or [0, n - 1])
+    return count[0]
+
+
+def write_video(path, frames, fps=30, codec="mpeg4", options=None, bit_rate=None):
+    """Encode uint8 frames (T, H, W, 3), H and W even, into `path` (container from the suffix).
+    mpeg4 in .avi is HMDB51/UCF101's Xvid; libx264 in .mp4 is Kinetics; libvpx-vp9 in .webm SSv2."""
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse segment sampling (TSN): the video is cut into T equal segments, one frame from each.
+
+def segment_indices(num_frames, frames, offset):
+    """Frame at `offset` (in [0, 1), scalar or one per segment) of each of `frames` segments.
+    A video shorter than T frames gets its frames repeated in order."""
+    segment = num_frames / frames
+    position = (torch.arange(frames, dtype=torch.float64) + offset) * segment
+    return position.floor().long().clamp(max=num_frames - 1).tolist()
+
+
+def train_indices(num_frames, frames, generator=None):
+    """A random frame in each segment."""
+    return segment_indices(num_frames, frames, torch.rand(frames, generator=generator).double())
+
+
+def eval_indices(num_frames, frames, temporal_views=1):
+    """One index list per temporal view: view v takes offset (v + 1/2) / views in every segment,
+    so one view is the segment centres and more views shift them evenly (deterministic)."""
+    return [segment_indices(num_frames, frames, (v + 0.5) / temporal_views)
+            for v in range(temporal_views)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Clip transforms: the whole clip at once, in plain torch, one random draw for all its frames.
+
+def _resize(frames, height, width, flip=False):
+    """uint8 (T, H, W, 3) -> float (T, 3, height, width) in [0, 1], antialiased bilinear.
+    Resizing the uint8 frames (channels-last, torch's fast path) and converting the small result
+    to float is many times faster than resizing floats."""
+    clip = F.interpolate(frames.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                         antialias=True, align_corners=False)  # (T, 3, height, width) uint8
+    if flip:
+        clip = clip.flip(-1)
+    return clip.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+
+
+def normalize(clip):
+    """In place: CLIP's mean and std, (..., 3, H, W)."""
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return clip.sub_(mean).div_(std)
+
+
+def _gray(clip):
+    """ITU-R 601 luma, (T, 3, H, W) -> (T, 1, H, W), as torchvision's rgb_to_grayscale."""
+    T, _, H, W = clip.shape
+    luma = torch.tensor([[0.299, 0.587, 0.114]]) @ clip.flatten(2)  # (1, 3) @ (T, 3, H*W)
+    return luma.view(T, 1, H, W)
+
+
+def _blend(clip, other, factor):
+    """In place: factor * clip + (1 - factor) * other, clamped to [0, 1]."""
+    return clip.mul_(factor).add_(other, alpha=1 - factor).clamp_(0, 1)
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                            [0.211, -0.523, 0.312]])
+
+
+def _rotate_hue(clip, shift):
+    """Hue shift by `shift` turns of the colour wheel. torchvision round-trips through HSV; we
+    rotate the chroma plane of YIQ instead: one 3x3 matrix, luma kept, hue turned by about the
+    same angle."""
+    angle = 2 * math.pi * shift
+    rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(angle), -math.sin(angle)],
+                             [0.0, math.sin(angle), math.cos(angle)]])
+    matrix = torch.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ
+    return (matrix @ clip.flatten(2)).view(clip.shape).clamp_(0, 1)  # (3, 3) @ (T, 3, H*W)
+
+
+def color_jitter(clip, generator=None, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """torchvision's ColorJitter on a whole clip (T, 3, H, W) in [0, 1], changed in place: one
+    factor each for all frames, the four operations in random order."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand((), generator=generator).item()
+    b, c, s = (uniform(1 - x, 1 + x) for x in (brightness, contrast, saturation))
+    h = uniform(-hue, hue)
+    for operation in torch.randperm(4, generator=generator).tolist():
+        if operation == 0:
+            clip = clip.mul_(b).clamp_(0, 1)
+        elif operation == 1:  # towards each frame's mean gray
+            clip = _blend(clip, _gray(clip).mean((-3, -2, -1), keepdim=True), c)
+        elif operation == 2:
+            clip = _blend(clip, _gray(clip), s)
+        else:
+            clip = _rotate_hue(clip, h)
+    return clip
+
+
+def multiscale_crop(h, w, generator=None):
+    """mmaction's MultiScaleCrop as X-CLIP configures it, in an h x w frame: side lengths from
+    scales 1, .875, .75, .66 of the short side, height and width at most one scale apart, at
+    one of 5 fixed positions (4 corners, centre). Returns (y, x, crop_h, crop_w)."""
+    sizes = [int(min(h, w) * s) for s in (1, 0.875, 0.75, 0.66)]
+    pairs = [(ch, cw) for i, ch in enumerate(sizes) for j, cw in enumerate(sizes)
+             if abs(i - j) <= 1]
+    ch, cw = pairs[int(torch.randint(len(pairs), (), generator=generator))]
+    dy, dx = (h - ch) // 4, (w - cw) // 4
+    positions = [(0, 0), (0, 4 * dx), (4 * dy, 0), (4 * dy, 4 * dx), (2 * dy, 2 * dx)]
+    y, x = positions[int(torch.randint(5, (), generator=generator))]
+    return y, x, ch, cw
+
+
+def train_transform(frames, size=224, generator=None):
+    """Training augmentation, one draw for the clip: uint8 (T, H, W, 3) -> (T, 3, S, S).
+    Paper is silent; we follow X-CLIP: short side to 256 (256/224 * S), multi-scale crop,
+    resize to S; flip 0.5; colour jitter p 0.8; grayscale p 0.2. Unlike X-CLIP, colour jitter
+    is drawn once per clip, not per frame, and the mean/std are CLIP's, not ImageNet's."""
+    def chance(p):
+        return torch.rand((), generator=generator).item() < p
+    T, H, W, _ = frames.shape
+    scale = round(size * 256 / 224) / min(H, W)
+    y, x, ch, cw = multiscale_crop(round(H * scale), round(W * scale), generator)
+    # Cut the crop from the decoded frames and resize once: the same pixels as resizing to 256
+    # first, with one interpolation instead of two.
+    y0, y1, x0, x1 = (round(v / scale) for v in (y, y + ch, x, x + cw))
+    clip = _resize(frames[:, y0:y1, x0:x1], size, size, flip=chance(0.5))  # (T, 3, S, S)
+    if chance(0.8):
+        clip = color_jitter(clip, generator)
+    if chance(0.2):
+        clip = _gray(clip).expand(-1, 3, -1, -1).contiguous()
+    return normalize(clip)
+
+
+def eval_transform(frames, size=224, spatial_views=1):
+    """uint8 (T, H, W, 3) -> (V_s, T, 3, S, S). Paper is silent; we follow X-CLIP. One view:
+    short side to 256/224 * S, centre crop S. Three views: short side to S, crops at the start,
+    centre and end of the long side (left/centre/right, or top/centre/bottom for portrait)."""
+    T, H, W, _ = frames.shape
+    if spatial_views == 1:
+        crop = min(H, W, round(size * min(H, W) / round(size * 256 / 224)))  # S in decoded pixels
+        y0, x0 = (H - crop) // 2, (W - crop) // 2
+        views = [_resize(frames[:, y0:y0 + crop, x0:x0 + crop], size, size)]
+    elif spatial_views == 3:
+        h, w = (size, round(W * size / H)) if H <= W else (round(H * size / W), size)
+        clip = _resize(frames, h, w)  # (T, 3, h, w), short side S
+        long_side = max(h, w)
+        starts = (0, (long_side - size) // 2, long_side - size)
+        views = [clip[..., s:s + size] if w >= h else clip[..., s:s + size, :] for s in starts]
+    else:
+        raise ValueError(f"spatial views must be 1 or 3, got {spatial_views}")
+    return normalize(torch.stack(views))  # (V_s, T, 3, S, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset of clips
+
+class VideoDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> dict(video, label, index). Training: one random clip (T, 3, S, S).
+    Testing: views = (temporal, spatial) -> (V, T, 3, S, S), V = temporal * spatial, temporal-major.
+    Random draws come from torch's global generator (a trainer seeds it per item or per worker);
+    `seed` (an int) instead fixes each item's draw from (seed, index), e.g. to look at it twice.
+    With skip_errors a bad video gives dict(error="<path>: <reason>", index) for `collate` to
+    count and name; without it the VideoError propagates."""
+
+    def __init__(self, samples, frames, train, size=224, views=(1, 1), skip_errors=False,
+                 seed=None):
+        self.samples, self.frames, self.train, self.size = list(samples), frames, train, size
+        self.views, self.skip_errors, self.seed = tuple(views), skip_errors, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            video = self.load(path, index)
+        except VideoError as error:
+            if not self.skip_errors:
+                raise
+            return dict(error=str(error), index=index)
+        return dict(video=video, label=int(label), index=index)
+
+    def load(self, path, index=0):
+        T = self.frames
+        if self.train:
+            generator = None
+            if self.seed is not None:
+                state = np.random.SeedSequence([self.seed, index]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(state))
+            frames = read_frames(path, lambda n: train_indices(n, T, generator))
+            return train_transform(torch.from_numpy(frames), self.size, generator)
+        temporal, spatial = self.views
+        frames = read_frames(path, lambda n: sum(eval_indices(n, T, temporal), []))
+        frames = torch.from_numpy(frames)  # (temporal * T, H, W, 3), decoded once for all views
+        return torch.cat([eval_transform(frames[v * T:(v + 1) * T], self.size, spatial)
+                          for v in range(temporal)])  # (V, T, 3, S, S)
+
+
+def collate(items):
+    """Stack the good items; list the bad ones in `errors` (a batch may end up empty)."""
+    good = [item for item in items if "error" not in item]
+    errors = [item["error"] for item in items if "error" in item]
+    return dict(video=torch.stack([item["video"] for item in good]) if good else torch.empty(0),
+                label=torch.tensor([item["label"] for item in good], dtype=torch.long),
+                index=torch.tensor([item["index"] for item in good], dtype=torch.long),
+                errors=errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Official layouts. Each reader returns (samples, raw class names); load_dataset cleans the names.
+
+def clean_class_name(name):
+    """Prompt text from a class name: "brush_hair" -> "brush hair", "ApplyEyeMakeup" ->
+    "apply eye makeup", "YoYo" -> "yo yo"."""
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name.replace("_", " "))
+    return " ".join(name.split()).lower()
+
+
+def _expect(dataset, *parts):
+    """The joined path, or an error saying what the dataset's layout expected where."""
+    path = os.path.join(*parts)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{dataset}: expected {path}")
+    return path
+
+
+def _first(dataset, folder, names):
+    """The first of several names a dataset's copies use for one file."""
+    for name in names:
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(f"{dataset}: expected one of {', '.join(names)} in {folder}")
+
+
+def _folder(root, *names):
+    """root/name for the first name that is a folder, else root."""
+    folders = [os.path.join(root, name) for name in names]
+    return next((folder for folder in folders if os.path.isdir(folder)), root)
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _walk(folder):
+    """Every file under folder, relative to it. Never glob: HMDB51 names carry [ ] ! ( ) &."""
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            yield os.path.relpath(os.path.join(directory, name), folder)
+
+
+def _hmdb51(root, split, subset):
+    splits = _expect("hmdb51", root, "testTrainMulti_7030_splits")
+    suffix = f"_test_split{split}.txt"
+    # The class is the split file's name minus the suffix (names hold underscores); indices
+    # follow the sorted names, so "kick" comes before "kick_ball".
+    classes = sorted(f[:-len(suffix)] for f in os.listdir(splits) if f.endswith(suffix))
+    if not classes:
+        raise FileNotFoundError(f"hmdb51: expected <class>{suffix} files in {splits}")
+    if not any(os.path.isdir(os.path.join(root, c)) for c in classes):
+        raise FileNotFoundError(f"hmdb51: expected videos as {root}/<class>/<video>.avi, found "
+                                f"no class folder such as {os.path.join(root, classes[0])}")
+    wanted = {"train": "1", "test": "2"}[subset]  # 0 marks a video this split does not use
+    samples = []
+    for label, name in enumerate(classes):
+        for line in _lines(os.path.join(splits, name + suffix)):
+            video, tag = line.rsplit(maxsplit=1)
+            if tag == wanted:
+                samples.append((os.path.join(root, name, video), label))
+    return samples, classes
+
+
+def _ucf101(root, split, subset):
+    lists = _expect("ucf101", root, "ucfTrainTestlist")
+    videos = _folder(root, "UCF-101")  # the archive's folder, or the videos' classes in root
+    numbered = [line.split() for line in _lines(_expect("ucf101", lists, "classInd.txt"))]
+    classes = [name for _, name in sorted((int(i), name) for i, name in numbered)]  # 1-indexed
+    # Lists, files and some folders disagree on case (HandstandPushups / HandStandPushups):
+    # match class names and paths case-insensitively.
+    label_of = {name.lower(): label for label, name in enumerate(classes)}
+    on_disk = {rel.lower(): rel for rel in _walk(videos)}
+    list_file = _expect("ucf101", lists, f"{subset}list0{split}.txt")
+    samples = []
+    for line in _lines(list_file):
+        rel, *listed = line.split()  # testlist lines carry no label: it comes from the folder
+        folder = rel.split("/")[0].lower()
+        if folder not in label_of:
+            raise ValueError(f"ucf101: {list_file}: {rel} is in no class of classInd.txt")
+        label = label_of[folder]
+        if listed and int(listed[0]) - 1 != label:  # classInd and trainlist are 1-indexed
+            raise ValueError(f"ucf101: {list_file}: {rel} is listed as class {listed[0]}, "
+                             f"its folder is class {label + 1}")
+        samples.append((os.path.join(videos, on_disk.get(rel.lower(), rel)), label))
+    return samples, classes
+
+
+_K400_CSVS = dict(train=["train.csv", "kinetics_train.csv", "kinetics-400_train.csv"],
+                  test=["val.csv", "validate.csv", "kinetics_val.csv", "kinetics-400_val.csv"])
+
+
+def _k400(root, split, subset):
+    """Kinetics-400; subset "test" reads the validation CSV, on which the field evaluates."""
+    def read(path):  # rows by column name: some copies add an is_cc column
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    annotations = _folder(root, "annotations")
+    csv_path = _first("k400", annotations, _K400_CSVS[subset])
+    rows = read(csv_path)
+    if not rows or "label" not in rows[0]:
+        raise ValueError(f"k400: {csv_path} has no label column "
+                         "(label,youtube_id,time_start,time_end,split)")
+    # Classes from every annotation CSV present, so train and test agree on the indices.
+    csvs = [os.path.join(annotations, n) for n in _K400_CSVS["train"] + _K400_CSVS["test"]]
+    classes = sorted({row["label"] for p in csvs if os.path.isfile(p)
+                      for row in read(p) if row.get("label")})
+    label_of = {name: label for label, name in enumerate(classes)}
+    on_disk = {os.path.splitext(os.path.basename(rel))[0]: rel for rel in _walk(root)
+               if rel.endswith((".mp4", ".mkv", ".webm", ".avi"))}  # class folders or flat
+    samples, missing = [], []
+    for row in rows:
+        start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+        clip = f"{row['youtube_id']}_{start:06d}_{end:06d}"
+        if clip in on_disk:
+            samples.append((os.path.join(root, on_disk[clip]), label_of[row["label"]]))
+        else:
+            missing.append(clip)
+    # Every copy of Kinetics lacks some videos (gone from YouTube): report them, do not fail.
+    print(f"k400 {subset}: found {len(samples)} of {len(rows)} clips listed in {csv_path}"
+          + (f" ({len(missing)} missing, e.g. {missing[0]}.mp4)" if missing else ""))
+    return samples, classes
+
+
+def _ssv2(root, split, subset):
+    """Something-Something v2; subset "test" reads validation.json (test labels are not public)."""
+    def read(name):
+        names = [name, f"something-something-v2-{name}"]
+        with open(_first("ssv2", _folder(root, "labels"), names), encoding="utf-8") as f:
+            return json.load(f)
+    index = {template: int(i) for template, i in read("labels.json").items()}  # "0", "1", ...
+    items = read({"train": "train.json", "test": "validation.json"}[subset])
+    classes = sorted(index, key=index.get)
+    videos = _folder(root, "20bn-something-something-v2", "videos")
+    # Template "Putting [something] into [something]" is class "Putting something into something"
+    return [(os.path.join(videos, f"{item['id']}.webm"),
+             index[item["template"].replace("[", "").replace("]", "")]) for item in items], classes
+
+
+def _list(root, split, subset):
+    """Any dataset: root/{train,test}.txt, lines "<relative/path> <class index>", and
+    root/classes.txt, one class name a line."""
+    classes = _lines(_expect("list", root, "classes.txt"))
+    list_file = _expect("list", root, f"{subset}.txt")
+    samples = []
+    for line in _lines(list_file):
+        rel, label = line.rsplit(maxsplit=1)
+        if not 0 <= int(label) < len(classes):
+            raise ValueError(f"list: {list_file}: label {label} of {rel} is not in classes.txt")
+        samples.append((os.path.join(root, rel), int(label)))
+    return samples, classes
+
+
+def load_dataset(name, root, split=1, subset="train"):
+    """(samples [(path, label)], class names as prompt text) of one split's train or test list.
+    Listed videos missing on disk stay in the list (reading them names them), except Kinetics,
+    whose copies always lack some: those are counted and left out."""
+    readers = dict(hmdb51=_hmdb51, ucf101=_ucf101, k400=_k400, ssv2=_ssv2, list=_list)
+    if name not in readers:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset must be train or test, got {subset!r}")
+    if name in ("hmdb51", "ucf101") and split not in (1, 2, 3):
+        raise ValueError(f"{name} has splits 1, 2 and 3, got {split}")
+    if name not in ("hmdb51", "ucf101") and split != 1:
+        raise ValueError(f"{name} has a single official split, got split {split}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name}: data root {root} does not exist")
+    samples, classes = readers[name](root, split, subset)
+    return samples, [clean_class_name(c) for c in classes]
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot subsets
+
+def few_shot(samples, shots, seed, class_names=None):
+    """K videos per class drawn with a seed, in class order. With class_names a class with no
+    video at all is caught too; a class with fewer than K is an error naming it."""
+    by_class = collections.defaultdict(list)
+    for path, label in samples:
+        by_class[int(label)].append(path)
+    labels = range(len(class_names)) if class_names else sorted(by_class)
+    rng = random.Random(seed)
+    chosen = []
+    for label in labels:
+        videos = sorted(by_class.get(label, []))
+        if len(videos) < shots:
+            name = f" ({class_names[label]})" if class_names else ""
+            raise ValueError(f"few-shot: class {label}{name} has {len(videos)} training videos, "
+                             f"fewer than {shots} shots")
+        chosen += [(path, label) for path in rng.sample(videos, shots)]
+    return chosen
+
+
+def write_sample_list(path, samples):
+    """Lines "<path> <label>", written atomically, to repeat a few-shot run exactly."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(f"{p} {int(label)}\n" for p, label in samples)
+    os.replace(path + ".tmp", path)
+
+
+def read_sample_list(path):
+    return [(p, int(label)) for p, label in (line.rsplit(maxsplit=1) for line in _lines(path))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic dataset: classes in pairs that look alike and differ only in motion. Pairs differ
+# in appearance; within a pair a frame average sees the same frames (left/right, up/down,
+# grow/shrink and the two turns are each other played backwards; slow/fast cover the same path),
+# so only temporal modelling tells them apart.
+
+SYNTHETIC_CLASSES = [  # (class, shape, motion); the shape and colour are shared within a pair
+    ("move_left", "circle", "left"), ("move_right", "circle", "right"),
+    ("grow", "square", "grow"), ("shrink", "square", "shrink"),
+    ("move_up", "triangle", "up"), ("move_down", "triangle", "down"),
+    ("rotate_clockwise", "bar", "clockwise"),
+    ("rotate_counterclockwise", "bar", "counterclockwise"),
+    ("move_slowly", "ring", "slow"), ("move_quickly", "ring", "fast"),
+]
+_SHAPE_COLOURS = dict(circle=(220, 40, 40), square=(40, 80, 230), triangle=(40, 190, 60),
+                      bar=(235, 200, 30), ring=(200, 60, 200))
+
+
+def render_synthetic_video(shape, motion, frames, width, height, rng):
+    """uint8 (T, H, W, 3): one shape on a gradient background, moving as `motion` says."""
+    m = min(width, height)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = rng.uniform(20, 120, 3) + rng.uniform(-40, 40, 3) * (yy / height)[..., None]
+    colour = np.clip(np.array(_SHAPE_COLOURS[shape]) + rng.uniform(-30, 30, 3), 0, 255)
+    radius = m * rng.uniform(0.10, 0.14)
+    cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
+    angle0, first_way = rng.uniform(0, np.pi), rng.choice([-1, 1])
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t, p in enumerate(np.linspace(0, 1, frames)):
+        x, y, r, angle = cx, cy, radius, angle0
+        if motion in ("left", "right"):
+            x = width * (0.2 + 0.6 * (p if motion == "right" else 1 - p))
+        elif motion in ("up", "down"):
+            y = height * (0.2 + 0.6 * (p if motion == "down" else 1 - p))
+        elif motion in ("grow", "shrink"):
+            r = m * (0.05 + 0.25 * (p if motion == "grow" else 1 - p))
+        elif motion in ("clockwise", "counterclockwise"):  # y points down: + is clockwise on screen
+            angle = angle0 + np.pi * p * (1 if motion == "clockwise" else -1)
+        else:  # back and forth: once across (slow) or six times (fast), over the same path
+            phase = (p * (1 if motion == "slow" else 6)) % 2
+            x = width * (0.5 + first_way * 0.3 * (2 * min(phase, 2 - phase) - 1))
+        dx, dy = xx - x, yy - y
+        if shape == "circle":
+            mask = dx ** 2 + dy ** 2 <= r ** 2
+        elif shape == "square":
+            mask = (abs(dx) <= r) & (abs(dy) <= r)
+        elif shape == "triangle":  # apex up
+            mask = (abs(dy) <= r) & (abs(dx) <= (dy + r) / 2)
+        elif shape == "bar":
+            u, v = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+            mask = (abs(u) <= 1.6 * r) & (abs(v) <= 0.35 * r)
+        else:
+            mask = (dx ** 2 + dy ** 2 <= r ** 2) & (dx ** 2 + dy ** 2 >= (0.5 * r) ** 2)
+        image = np.broadcast_to(background, (height, width, 3)).copy()
+        image[mask] = colour
+        video[t] = image
+    return video
+
+
+def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, size=(320, 240),
+                           seed=0, fps=30):
+    """Write a small dataset in HMDB51's official layout (read it with load_dataset("hmdb51")):
+    root/<class>/<class>_NN.avi (mpeg4, like HMDB's Xvid) and
+    root/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt, lines "<video>.avi <1|2>",
+    about 70/30 train/test, a different partition per split. Deterministic from the seed.
+    Returns the class names in label order (sorted, as load_dataset numbers them)."""
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    width, height = size
+    os.makedirs(os.path.join(root, "testTrainMulti_7030_splits"), exist_ok=True)
+    classes = SYNTHETIC_CLASSES[:num_classes]
+    for c, (name, shape, motion) in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        videos = [f"{name}_{i:02d}.avi" for i in range(videos_per_class)]
+        for i, video in enumerate(videos):
+            rng = np.random.default_rng([seed, c, i])
+            write_video(os.path.join(root, name, video),
+                        render_synthetic_video(shape, motion, frames, width, height, rng), fps=fps,
+                        bit_rate=max(400_000, width * height * 8))
+        num_test = max(1, round(0.3 * videos_per_class))
+        for split in (1, 2, 3):
+            order = np.random.default_rng([seed, c, split]).permutation(videos_per_class)
+            test = set(order[:num_test].tolist())
+            split_file = f"{name}_test_split{split}.txt"
+            with open(os.path.join(root, "testTrainMulti_7030_splits", split_file), "w") as f:
+                f.writelines(f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos))
+    return sorted(name for name, _, _ in classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the dataset doctor and the loader benchmark
+
+def doctor(dataset, root, split=1, workers=None):
+    """Print counts per split and class, then every missing file, every video that does not
+    decode (with the reason) and every video in both lists. Returns the exit status: 0 when all
+    is well, 1 when some video is bad, 2 when the layout itself cannot be read."""
+    try:
+        lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: {type(error).__name__}: {error}")
+        return 2
+    classes = lists["train"][1]
+    counts = {s: collections.Counter(label for _, label in lists[s][0]) for s in lists}
+    print(f"{dataset} split {split}: {len(classes)} classes, "
+          f"{len(lists['train'][0])} train and {len(lists['test'][0])} test videos")
+    for label, name in enumerate(classes):
+        print(f"  {label:4d} {name:40s} train {counts['train'][label]:6d}  "
+              f"test {counts['test'][label]:6d}")
+    problems = []
+    shared = {p for p, _ in lists["train"][0]} & {p for p, _ in lists["test"][0]}
+    problems += [f"{p}: in both the train and the test list" for p in sorted(shared)]
+    paths = sorted({p for s in lists for p, _ in lists[s][0]})
+
+    def check(path):
+        try:
+            check_video(path)
+        except VideoError as error:
+            return str(error)
+    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+        results = tqdm(pool.map(check, paths), total=len(paths), desc="decoding")
+        problems += [error for error in results if error]
+    for problem in problems:
+        print(f"BAD {problem}")
+    print(f"{len(paths)} videos checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def _naive_clip(path, frames, size):
+    """The pipeline we compare against: decode every frame, PIL image, PIL resize, then sample,
+    crop and normalise."""
+    from PIL import Image
+    with av.open(path) as container:
+        images = [frame.to_image() for frame in container.decode(video=0)]
+    w, h = images[0].size
+    short = round(size * 256 / 224)
+    new_size = (round(w * short / min(w, h)), round(h * short / min(w, h)))
+    images = [image.resize(new_size, Image.BILINEAR) for image in images]
+    chosen = [images[i] for i in train_indices(len(images), frames)]
+    x0, y0 = random.randint(0, new_size[0] - size), random.randint(0, new_size[1] - size)
+    arrays = np.stack([np.asarray(im.crop((x0, y0, x0 + size, y0 + size))) for im in chosen])
+    return normalize(torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255)
+
+
+def benchmark(frame_counts=(8, 32), seconds=6.0, size=224):
+    """Training clips per second, one process, on 320x240 mpeg4 AVIs of 300 frames (HMDB-like)."""
+    def rate(load, n):
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            load(done % n)
+            done += 1
+        return done / (time.perf_counter() - start)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker, which torch gives one thread
+    with tempfile.TemporaryDirectory() as root:
+        make_synthetic_dataset(root, num_classes=4, videos_per_class=1, frames=300, size=(320, 240))
+        paths = sorted(os.path.join(root, rel) for rel in _walk(root) if rel.endswith(".avi"))
+        print(f"benchmark: {len(paths)} synthetic 320x240 mpeg4 AVIs of 300 frames, training "
+              f"clips at S={size}, one process, one torch thread")
+        for T in frame_counts:
+            dataset = VideoDataset([(p, 0) for p in paths], T, train=True, size=size)
+            ours = rate(lambda i: dataset[i], len(paths))
+            naive = rate(lambda i: _naive_clip(paths[i], T, size), len(paths))
+            print(f"T={T:3d}: ours {ours:7.1f} clips/s   naive PIL {naive:6.1f} clips/s   "
+                  f"ratio {ours / naive:5.1f}x")
+    torch.set_num_threads(threads)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check a dataset (doctor) or time the loader.")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset layout to check")
+    parser.add_argument("--data-root", help="dataset root in its official layout")
+    parser.add_argument("--split", type=int, default=1, help="split 1, 2 or 3 (hmdb51, ucf101)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads for the doctor (default: all cores)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="training clips/s, ours against a naive PIL pipeline")
+    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32],
+                        help="T values to benchmark (8: supervised presets, 32: few/zero-shot)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
+    args = parser.parse_args(argv)
+    if args.benchmark:
+        benchmark(args.frames, args.seconds)
+        return 0
+    if not (args.dataset and args.data_root):
+        parser.error("give --dataset and --data-root, or --benchmark")
+    return doctor(args.dataset, args.data_root, args.split, args.workers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

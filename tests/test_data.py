@@ -1,0 +1,411 @@
+"""Tests for data.py: decoding, sampling, transforms, dataset layouts, few-shot lists, the doctor.
+
+Every video is written by the test itself with PyAV. A frame's content encodes its index (eight
+black/white stripes, one bit each), so a test reads back *which* frame it got, not only how many.
+"""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def index_video(num_frames, width=64, height=48):
+    """uint8 (T, H, W, 3): frame i shows i in binary as 8 vertical stripes, white = 1."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    stripe = width // 8
+    for i in range(num_frames):
+        for bit in range(8):
+            if (i >> bit) & 1:
+                frames[i, :, bit * stripe:(bit + 1) * stripe] = 255
+    return frames
+
+
+def frame_ids(frames):
+    """Inverse of index_video, robust to compression: threshold each stripe's mean."""
+    stripe = frames.shape[2] // 8
+    return [sum(int(f[:, b * stripe:(b + 1) * stripe].mean() > 127) << b for b in range(8))
+            for f in frames]
+
+
+def write_index_video(path, num_frames=40, codec="mpeg4"):
+    data.write_video(str(path), index_video(num_frames), codec=codec)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+@pytest.mark.parametrize("codec, suffix", [("mpeg4", ".avi"),        # HMDB51 / UCF101 (Xvid)
+                                           ("libx264", ".mp4"),      # Kinetics (H.264, B-frames)
+                                           ("libvpx-vp9", ".webm")])  # SSv2 (no frame count)
+def test_decode_returns_the_frames_asked_for(tmp_path, codec, suffix):
+    path = write_index_video(tmp_path / f"clip{suffix}", 40, codec)
+    if suffix == ".webm":  # the case under test: the container reports no frame count
+        with av.open(path) as container:
+            assert container.streams.video[0].frames == 0
+    assert data.count_frames(path) == 40
+    wanted = [0, 5, 17, 39, 17]
+    frames = data.read_frames(path, lambda n: wanted)
+    assert frames.shape == (5, 48, 64, 3) and frames.dtype == np.uint8
+    assert frame_ids(frames) == wanted
+
+
+def test_webm_sampling_uses_the_counted_frames(tmp_path):
+    path = write_index_video(tmp_path / "clip.webm", 80, "libvpx-vp9")
+    seen = []
+    frames = data.read_frames(path, lambda n: seen.append(n) or data.eval_indices(n, 8)[0])
+    assert seen == [80]
+    assert frame_ids(frames) == [5, 15, 25, 35, 45, 55, 65, 75]
+
+
+def test_short_video_repeats_frames_in_order(tmp_path):
+    path = write_index_video(tmp_path / "short.avi", 5)
+    assert data.eval_indices(5, 8) == [[0, 0, 1, 2, 2, 3, 4, 4]]
+    frames = data.read_frames(path, lambda n: data.eval_indices(n, 8)[0])
+    assert frame_ids(frames) == [0, 0, 1, 2, 2, 3, 4, 4]
+    video = data.VideoDataset([(path, 0)], frames=8, train=True, size=32)[0]["video"]
+    assert video.shape == (8, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse segment sampling
+
+def test_test_sampler_takes_segment_centres_and_shifts_them_per_view():
+    assert data.eval_indices(80, 8) == [[5, 15, 25, 35, 45, 55, 65, 75]]
+    assert data.eval_indices(80, 8, temporal_views=2) == [[2, 12, 22, 32, 42, 52, 62, 72],
+                                                          [7, 17, 27, 37, 47, 57, 67, 77]]
+    four = data.eval_indices(80, 8, temporal_views=4)  # offsets 1/8, 3/8, 5/8, 7/8 of a segment
+    assert [view[0] for view in four] == [1, 3, 6, 8] and four[3][-1] == 78
+
+
+def test_train_sampler_draws_one_frame_per_segment():
+    indices = data.train_indices(80, 8, torch.Generator().manual_seed(0))
+    u = torch.rand(8, generator=torch.Generator().manual_seed(0))
+    assert indices == [10 * i + int(10 * u[i]) for i in range(8)]  # segment i is [10i, 10i + 10)
+    assert indices == data.train_indices(80, 8, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.tensor([data.train_indices(80, 8, generator) for _ in range(300)])  # (300, T)
+    offsets = draws - 10 * torch.arange(8)
+    assert offsets.min() == 0 and offsets.max() == 9  # every frame of a segment can be drawn
+    assert len(set(map(tuple, draws.tolist()))) > 250
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+def test_train_transform_applies_one_draw_to_every_frame():
+    frame = torch.randint(0, 256, (60, 80, 3), dtype=torch.uint8)
+    clip = frame.expand(4, -1, -1, -1)  # four identical frames
+    outputs = []
+    for seed in range(6):
+        out = data.train_transform(clip, size=32, generator=torch.Generator().manual_seed(seed))
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+        for t in range(1, 4):
+            torch.testing.assert_close(out[t], out[0])
+        outputs.append(out[0])
+    assert all(not torch.allclose(outputs[0], other) for other in outputs[1:])  # draws differ
+
+
+def test_multiscale_crop_sizes_and_positions():
+    # 256 x 341 (short side 256): sides int(256 * s) for s in 1, .875, .75, .66
+    sides = [256, 224, 192, 168]
+    allowed = {(sides[i], sides[j]) for i in range(4) for j in range(4) if abs(i - j) <= 1}
+    generator = torch.Generator().manual_seed(0)
+    seen_sizes, seen_positions = set(), set()
+    for _ in range(400):
+        y, x, ch, cw = data.multiscale_crop(256, 341, generator)
+        dy, dx = (256 - ch) // 4, (341 - cw) // 4
+        corners_and_centre = [(0, 0), (0, 4 * dx), (4 * dy, 0), (4 * dy, 4 * dx), (2 * dy, 2 * dx)]
+        assert (y, x) in corners_and_centre
+        seen_sizes.add((ch, cw))
+        if dy > 0:  # the five positions are distinct
+            seen_positions.add(corners_and_centre.index((y, x)))
+    assert seen_sizes == allowed  # 10 pairs: never 256 x 168 (two scales apart)
+    assert len(seen_positions) == 5
+
+
+def test_color_jitter_with_zero_strength_is_identity_and_hue_keeps_gray():
+    clip = torch.rand(2, 3, 8, 8)
+    same = data.color_jitter(clip.clone(), brightness=0, contrast=0, saturation=0, hue=0)
+    torch.testing.assert_close(same, clip)
+    gray = torch.rand(2, 1, 8, 8).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(data._rotate_hue(gray.clone(), 0.1), gray, atol=1e-5, rtol=0)
+
+
+def test_one_view_is_short_side_256_over_224_then_centre_crop():
+    # S = 56: short side 64 -> 64 (scale 1), centre crop 56 = rows 4..59, columns 20..75
+    frame = torch.full((64, 96, 3), 255, dtype=torch.uint8)
+    frame[:4], frame[60:] = 0, 0  # outside the crop
+    frame[:, 20] = 0  # the crop's first column
+    views = data.eval_transform(frame.expand(2, -1, -1, -1), size=56, spatial_views=1)
+    assert views.shape == (1, 2, 3, 56, 56)
+    white = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    torch.testing.assert_close(views[0, 0, :, :, 1:].mean((-2, -1)), white, atol=1e-4, rtol=0)
+    assert (views[0, 0, :, :, 0] < 0).all()  # the black column
+
+
+@pytest.mark.parametrize("portrait", [False, True])
+def test_three_views_are_start_centre_end_of_the_long_side(portrait):
+    frame = torch.zeros(48, 96, 3, dtype=torch.uint8)  # thirds: red, green, blue
+    for third in range(3):
+        frame[:, 32 * third:32 * (third + 1), third] = 255
+    if portrait:
+        frame = frame.transpose(0, 1)  # thirds from top to bottom
+    views = data.eval_transform(frame.expand(2, -1, -1, -1), size=32, spatial_views=3)
+    assert views.shape == (3, 2, 3, 32, 32)
+    centre_colour = views[:, 0, :, 16, 16].argmax(-1)  # (V,) dominant channel at each crop's centre
+    assert centre_colour.tolist() == [0, 1, 2]
+
+
+def test_dataset_test_views_stack_temporal_times_spatial(tmp_path):
+    path = write_index_video(tmp_path / "v.avi", 40)
+    item = data.VideoDataset([(path, 3)], frames=4, train=False, size=32, views=(2, 3))[0]
+    assert item["video"].shape == (6, 4, 3, 32, 32) and item["label"] == 3 and item["index"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Official layouts (the files only need to exist: parsing does not decode)
+
+def touch(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "wb").close()
+
+
+def write_text(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_hmdb51_layout(tmp_path):
+    root = str(tmp_path)
+    odd = "Bad[1]_(take 2)&more!_kick_ball_f_cm_np1_ba_bad_0.avi"  # glob and shell metacharacters
+    videos = {"kick_ball": [odd, "kb_1.avi", "kb_2.avi"], "kick": ["k_0.avi", "k_1.avi", "k_2.avi"],
+              "sword_exercise": ["se_0.avi", "se_1.avi", "se_2.avi"],
+              "sword": ["s_0.avi", "s_1.avi", "s_2.avi"],
+              "brush_hair": ["bh_0.avi", "bh_1.avi", "bh_2.avi"]}
+    for name, files in videos.items():
+        for f in files:
+            touch(os.path.join(root, name, f))
+        for split, tags in ((1, "120"), (2, "201")):  # 1 train, 2 test, 0 unused
+            split_file = f"{name}_test_split{split}.txt"
+            write_text(os.path.join(root, "testTrainMulti_7030_splits", split_file),
+                       "".join(f"{f} {tag} \n" for f, tag in zip(files, tags)))
+    train, classes = data.load_dataset("hmdb51", root, split=1, subset="train")
+    assert classes == ["brush hair", "kick", "kick ball", "sword", "sword exercise"]
+    assert (os.path.join(root, "kick_ball", odd), 2) in train
+    assert len(train) == 5 and all(os.path.isfile(p) for p, _ in train)
+    test, _ = data.load_dataset("hmdb51", root, split=1, subset="test")
+    assert sorted(os.path.basename(p) for p, _ in test if "kick" in p) == ["k_1.avi", "kb_1.avi"]
+    train2, _ = data.load_dataset("hmdb51", root, split=2, subset="train")
+    assert (os.path.join(root, "kick", "k_2.avi"), 1) in train2 and len(train2) == 5
+    with pytest.raises(FileNotFoundError, match="_test_split3.txt"):
+        data.load_dataset("hmdb51", root, split=3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_dataset("hmdb51", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="testTrainMulti_7030_splits"):
+        data.load_dataset("hmdb51", os.path.join(root, "kick"))
+
+
+def test_ucf101_layout(tmp_path):
+    root = str(tmp_path)
+    lists = os.path.join(root, "ucfTrainTestlist")
+    write_text(os.path.join(lists, "classInd.txt"),
+               "1 ApplyEyeMakeup\n2 HandstandPushups\n3 YoYo\n")
+    write_text(os.path.join(lists, "trainlist01.txt"),
+               "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\r\n"
+               "HandstandPushups/v_HandStandPushups_g08_c01.avi 2\r\nYoYo/v_YoYo_g08_c01.avi 3\r\n")
+    write_text(os.path.join(lists, "testlist01.txt"),
+               "HandstandPushups/v_HandStandPushups_g01_c01.avi\nYoYo/v_YoYo_g01_c01.avi\n")
+    # this copy's folder says HandStandPushups, as its file names do; classInd says Handstand
+    for rel in ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi",
+                "HandStandPushups/v_HandStandPushups_g08_c01.avi",
+                "HandStandPushups/v_HandStandPushups_g01_c01.avi",
+                "YoYo/v_YoYo_g08_c01.avi", "YoYo/v_YoYo_g01_c01.avi"]:
+        touch(os.path.join(root, rel))
+    train, classes = data.load_dataset("ucf101", root, split=1, subset="train")
+    assert classes == ["apply eye makeup", "handstand pushups", "yo yo"]
+    assert [label for _, label in train] == [0, 1, 2]  # 1-indexed in the files
+    assert all(os.path.isfile(p) for p, _ in train)
+    test, _ = data.load_dataset("ucf101", root, split=1, subset="test")
+    assert test == [(os.path.join(root, "HandStandPushups", "v_HandStandPushups_g01_c01.avi"), 1),
+                    (os.path.join(root, "YoYo", "v_YoYo_g01_c01.avi"), 2)]
+    with pytest.raises(FileNotFoundError, match="testlist02.txt"):
+        data.load_dataset("ucf101", root, split=2, subset="test")
+
+
+def test_k400_layout(tmp_path, capsys):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "annotations", "train.csv"),
+               "label,youtube_id,time_start,time_end,split,is_cc\n"
+               "abseiling,a_b-c,10,20,train,0\n"
+               "\"passing American football (in game)\",xyz,0,10,train,1\n"
+               "abseiling,gone,5,15,train,0\n")  # not on disk
+    write_text(os.path.join(root, "annotations", "val.csv"),
+               "label,youtube_id,time_start,time_end,split\n"
+               "\"passing American football (in game)\",v1,3,13,val\n")
+    touch(os.path.join(root, "train", "abseiling", "a_b-c_000010_000020.mp4"))  # class folders
+    touch(os.path.join(root, "train", "passing American football (in game)",
+                       "xyz_000000_000010.mp4"))
+    touch(os.path.join(root, "val", "v1_000003_000013.mp4"))  # flat
+    train, classes = data.load_dataset("k400", root, subset="train")
+    assert classes == ["abseiling", "passing american football (in game)"]
+    assert sorted(label for _, label in train) == [0, 1]
+    assert all(os.path.isfile(p) for p, _ in train)
+    assert "found 2 of 3" in capsys.readouterr().out
+    test, _ = data.load_dataset("k400", root, subset="test")
+    assert test == [(os.path.join(root, "val", "v1_000003_000013.mp4"), 1)]
+    with pytest.raises(ValueError, match="single official split"):
+        data.load_dataset("k400", root, split=2)
+
+
+def test_ssv2_layout(tmp_path):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "labels.json"), json.dumps(
+        {"Putting something into something": "1", "Approaching something with your camera": "0"}))
+    write_text(os.path.join(root, "train.json"), json.dumps([
+        {"id": "78687", "label": "putting a pen into a cup",
+         "template": "Putting [something] into [something]", "placeholders": ["a pen", "a cup"]},
+        {"id": "42", "label": "approaching a tree with your camera",
+         "template": "Approaching [something] with your camera", "placeholders": ["a tree"]}]))
+    write_text(os.path.join(root, "validation.json"), json.dumps([
+        {"id": "7", "label": "x", "template": "Approaching [something] with your camera",
+         "placeholders": ["x"]}]))
+    videos = os.path.join(root, "20bn-something-something-v2")  # the archive's folder
+    os.makedirs(videos)
+    train, classes = data.load_dataset("ssv2", root, subset="train")
+    assert classes == ["approaching something with your camera", "putting something into something"]
+    assert train == [(os.path.join(videos, "78687.webm"), 1), (os.path.join(videos, "42.webm"), 0)]
+    test, _ = data.load_dataset("ssv2", root, subset="test")
+    assert test == [(os.path.join(videos, "7.webm"), 0)]
+
+
+def test_list_layout(tmp_path):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "classes.txt"), "WaveHand\nsit_down\n")
+    write_text(os.path.join(root, "train.txt"), "my clips/a b.mp4 1\nother/c.avi 0\n")
+    train, classes = data.load_dataset("list", root)
+    assert classes == ["wave hand", "sit down"]
+    assert train == [(os.path.join(root, "my clips", "a b.mp4"), 1),
+                     (os.path.join(root, "other", "c.avi"), 0)]
+    with pytest.raises(FileNotFoundError, match="test.txt"):
+        data.load_dataset("list", root, subset="test")
+
+
+def test_clean_class_name():
+    assert data.clean_class_name("brush_hair") == "brush hair"
+    assert data.clean_class_name("ApplyEyeMakeup") == "apply eye makeup"
+    assert data.clean_class_name("HandstandPushups") == "handstand pushups"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input is never silent
+
+def test_bad_videos_are_named_and_skipped_when_asked(tmp_path):
+    good = [write_index_video(tmp_path / f"good{i}.avi", 60) for i in range(2)]
+    raw = open(good[0], "rb").read()
+    third = len(raw) // 3
+    garbage = np.random.default_rng(0).integers(0, 256, third, np.uint8).tobytes()
+    bad = {"corrupt.avi": raw[:third] + garbage + raw[2 * third:],
+           "truncated.avi": raw[:len(raw) * 3 // 4], "empty.avi": b"",
+           "notes.avi": b"not a video\n" * 40}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    bad_paths = [str(tmp_path / name) for name in bad] + [str(tmp_path / "missing.avi")]
+    for path in bad_paths:
+        with pytest.raises(data.VideoError, match=os.path.basename(path)):
+            data.read_frames(path, lambda n: data.eval_indices(n, 8)[0])
+    samples = [(p, 0) for p in good + bad_paths]
+    loader = torch.utils.data.DataLoader(
+        data.VideoDataset(samples, frames=4, train=True, size=32, skip_errors=True),
+        batch_size=3, collate_fn=data.collate)
+    batches = list(loader)
+    indices = torch.cat([b["index"] for b in batches]).tolist()
+    errors = sum((b["errors"] for b in batches), [])
+    assert indices == [0, 1] and batches[0]["video"].shape == (2, 4, 3, 32, 32)
+    assert len(errors) == len(bad_paths)
+    assert all(any(e.startswith(p + ":") for e in errors) for p in bad_paths)
+    assert batches[-1]["video"].numel() == 0  # a batch of bad videos only is empty, not dropped
+    with pytest.raises(data.VideoError, match="empty.avi"):
+        data.VideoDataset(samples, frames=4, train=True, size=32)[4]
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot lists
+
+def test_few_shot_is_seeded_and_round_trips(tmp_path):
+    samples = [(f"/v/c{c}/{i} odd name.avi", c) for c in range(3) for i in range(5 if c < 2 else 3)]
+    chosen = data.few_shot(samples, shots=2, seed=7)
+    assert [label for _, label in chosen] == [0, 0, 1, 1, 2, 2]
+    assert set(chosen) <= set(samples) and len(set(chosen)) == 6
+    assert data.few_shot(samples, 2, seed=7) == chosen
+    assert any(data.few_shot(samples, 2, seed=s) != chosen for s in range(8, 12))
+    path = str(tmp_path / "few_shot.txt")
+    data.write_sample_list(path, chosen)
+    assert data.read_sample_list(path) == chosen
+    short = r"class 2 \(kick ball\) has 3 training videos, fewer than 4"
+    with pytest.raises(ValueError, match=short):
+        data.few_shot(samples, 4, seed=0, class_names=["a", "b", "kick ball"])
+    with pytest.raises(ValueError, match=r"class 3 \(sit\) has 0"):
+        data.few_shot(samples, 2, seed=0, class_names=["a", "b", "c", "sit"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic dataset and the doctor
+
+def test_synthetic_dataset_is_hmdb51_shaped_and_classes_differ_by_motion(tmp_path):
+    root = str(tmp_path / "a")
+    names = data.make_synthetic_dataset(root, num_classes=6, videos_per_class=10, frames=16,
+                                        size=(96, 72))
+    assert names == ["grow", "move_down", "move_left", "move_right", "move_up", "shrink"]
+    splits = []
+    for split in (1, 2, 3):
+        train, classes = data.load_dataset("hmdb51", root, split=split, subset="train")
+        test, _ = data.load_dataset("hmdb51", root, split=split, subset="test")
+        assert classes == [data.clean_class_name(name) for name in names]
+        assert len(train) == 6 * 7 and len(test) == 6 * 3 and not set(train) & set(test)
+        splits.append(set(test))
+    assert splits[0] != splits[1] != splits[2]
+
+    def track(name):  # (x of the object's centre, its area) in the first and last frame
+        frames = data.read_frames(os.path.join(root, name, f"{name}_00.avi"), lambda n: [0, n - 1])
+        background = np.median(frames[0].reshape(-1, 3), 0)
+        masks = np.abs(frames.astype(int) - background).sum(-1) > 60  # (2, H, W)
+        return [(np.nonzero(m)[1].mean(), m.sum()) for m in masks]
+    (x0, _), (x1, _) = track("move_left")
+    assert x1 < x0 - 20
+    (x0, _), (x1, _) = track("move_right")
+    assert x1 > x0 + 20
+    (_, a0), (_, a1) = track("grow")
+    assert a1 > 4 * a0
+    (_, a0), (_, a1) = track("shrink")
+    assert a0 > 4 * a1
+    data.make_synthetic_dataset(str(tmp_path / "b"), num_classes=6, videos_per_class=10, frames=16,
+                                size=(96, 72))  # the same seed again: the same bytes
+    for rel in ["grow/grow_03.avi", "testTrainMulti_7030_splits/grow_test_split2.txt"]:
+        assert open(os.path.join(root, rel), "rb").read() == open(tmp_path / "b" / rel, "rb").read()
+
+
+def test_doctor_passes_a_good_dataset_and_names_every_problem(tmp_path, capsys):
+    root = str(tmp_path)
+    data.make_synthetic_dataset(root, num_classes=2, videos_per_class=4, frames=16, size=(64, 48))
+    assert data.main(["--dataset", "hmdb51", "--data-root", root, "--split", "2"]) == 0
+    assert "0 problems" in capsys.readouterr().out
+    os.remove(os.path.join(root, "move_left", "move_left_00.avi"))
+    open(os.path.join(root, "move_left", "move_left_01.avi"), "wb").close()
+    cut = os.path.join(root, "move_right", "move_right_02.avi")
+    raw = open(cut, "rb").read()
+    open(cut, "wb").write(raw[:len(raw) * 3 // 4])
+    assert data.main(["--dataset", "hmdb51", "--data-root", root]) == 1
+    out = capsys.readouterr().out
+    for name, cause in [("move_left_00.avi", "file not found"), ("move_left_01.avi", "empty"),
+                        ("move_right_02.avi", "truncated")]:
+        assert any(name in line and cause in line
+                   for line in out.splitlines() if line.startswith("BAD"))
+    assert data.main(["--dataset", "ucf101", "--data-root", root]) == 2
+    assert "ucfTrainTestlist" in capsys.readouterr().out
