@@ -502,12 +502,14 @@ def train(args, ddp, rank, local_rank, world_size, device):
                     tqdm.write(f"[rank {rank}] skipped {error}", file=sys.stderr)
                 if len(batch["label"]) == 0:  # all failed: a zero-weight step keeps ranks in step
                     batch = dict(empty, errors=batch.get("errors", []))
-                if ddp:  # average gradients over ranks only on the last micro-step
-                    model.require_backward_grad_sync = micro == accumulation - 1
+                # DDP averages gradients over ranks only on the last micro-step
+                last = micro == accumulation - 1
+                sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
                 mix_rng = np.random.default_rng([args.seed, step, micro * world_size + rank])
-                loss, correct, clips = train_micro_step(model, batch, class_features,
-                                                        len(class_names), args, mix_rng,
-                                                        accumulation, autocast)
+                with sync:
+                    loss, correct, clips = train_micro_step(model, batch, class_features,
+                                                            len(class_names), args, mix_rng,
+                                                            accumulation, autocast)
                 stats = torch.stack([loss * clips, correct.to(loss), loss.new_tensor(clips),
                                      loss.new_tensor(len(batch.get("errors", [])))]).to(window)
                 window += stats

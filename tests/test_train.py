@@ -72,6 +72,21 @@ def test_ddp_ranks_end_with_identical_adapters(demo_run):
     assert rank0["frame_aggregation.attn.out_proj.weight"].abs().sum() > 0
 
 
+def test_ddp_with_gradient_accumulation_keeps_ranks_identical(small_dataset, tmp_path):
+    """2 processes x 1 clip x 2 accumulation steps = the global batch of 4: DDP must skip the
+    gradient all-reduce on the first micro-step (no_sync) and still agree after the second."""
+    args = resume_args(small_dataset, tmp_path)
+    args[args.index("--per-gpu-batch") + 1] = "1"
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                  "train.py", *args, "--epochs", "1", "--save-rank-states"], timeout=300)
+    assert "2 accumulation step(s)" in result.stdout
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert rank0["temporal_embedding"].abs().sum() > 0
+
+
 def test_checkpoint_holds_adapters_only_and_loads_weights_only(demo_run):
     path = demo_run / "checkpoint.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
