@@ -717,4 +717,7 @@ def print_report(report):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (data.VideoError, FileNotFoundError) as error:  # bad input: the message, no traceback
+        sys.exit(f"error: {error}")

@@ -575,4 +575,7 @@ def train(args, ddp, rank, local_rank, world_size, device):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (data.VideoError, FileNotFoundError) as error:  # bad input: the message, no traceback
+        sys.exit(f"error: {error}")
