@@ -64,7 +64,10 @@ COMMON = dict(warmup_epochs=5, label_smoothing=0.1, mixup=0.8, cutmix=1.0, cutmi
 # accuracy tops out near 5/6. Measured: 69-72% over seeds 0-2, about 2.5 minutes.
 DEMO = dict(dataset="hmdb51", model="tiny", frames=4, batch_size=8, epochs=150, test_views="1x1",
             save_every=100, log_every=100, workers=0)
-DEMO_DATA = dict(num_classes=6, videos_per_class=20, frames=16, size=(128, 96))  # chance 1/6
+# Chance is 1/6. Table 1's horizontal flip maps move_left onto move_right, which caps the demo near
+# 5/6; we keep the paper's flip (the flip-free pairs grow/shrink, up/down, slow/fast reached 64%
+# against these classes' 72%), and note it here for datasets of direction classes such as SSv2.
+DEMO_DATA = dict(num_classes=6, videos_per_class=20, frames=16, size=(128, 96))
 
 
 def parse_args(argv=None):
