@@ -22,15 +22,15 @@ from torch.utils.checkpoint import checkpoint
 
 # The CLIP fields of OmniCLIPConfig for OpenAI's released ViTs, so a model can be built with random
 # weights (benchmark, tests) without a download. `tiny` runs the same code path in seconds on a CPU.
-_B = dict(context_length=77, vocab_size=49408, text_layers=12)
+_OPENAI_TEXT = dict(context_length=77, vocab_size=49408, text_layers=12)  # all four share it
 ARCHITECTURES = {
-    "ViT-B/32": dict(_B, embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                     vision_patch_size=32, text_width=512, text_heads=8),
-    "ViT-B/16": dict(_B, embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-                     vision_patch_size=16, text_width=512, text_heads=8),
-    "ViT-L/14": dict(_B, embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
-                     vision_patch_size=14, text_width=768, text_heads=12),
-    "ViT-L/14@336px": dict(_B, embed_dim=768, image_resolution=336, vision_layers=24,
+    "ViT-B/32": dict(_OPENAI_TEXT, embed_dim=512, image_resolution=224, vision_layers=12,
+                     vision_width=768, vision_patch_size=32, text_width=512, text_heads=8),
+    "ViT-B/16": dict(_OPENAI_TEXT, embed_dim=512, image_resolution=224, vision_layers=12,
+                     vision_width=768, vision_patch_size=16, text_width=512, text_heads=8),
+    "ViT-L/14": dict(_OPENAI_TEXT, embed_dim=768, image_resolution=224, vision_layers=24,
+                     vision_width=1024, vision_patch_size=14, text_width=768, text_heads=12),
+    "ViT-L/14@336px": dict(_OPENAI_TEXT, embed_dim=768, image_resolution=336, vision_layers=24,
                            vision_width=1024, vision_patch_size=14, text_width=768, text_heads=12),
     "tiny": dict(embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128,
                  vision_patch_size=16, context_length=77, vocab_size=49408, text_width=128,
