@@ -256,11 +256,11 @@ class ParallelTemporalAdapter(nn.Module):
 
     def forward(self, x, frames):                                       # (B·T, N, D)
         BT, N, _ = x.shape
-        x = self.down(x)                                                # (B·T, N, d)
+        x = self.down(x)                                                # Eq. (7) Down: (B·T, N, d)
         x = x.unflatten(0, (BT // frames, frames)).transpose(1, 2).flatten(0, 1)  # (B·N, T, d)
-        x = self.attn(self.ln(x))                                       # (B·N, T, d)
+        x = self.attn(self.ln(x))                                       # Eq. (7) Attn: (B·N, T, d)
         x = x.unflatten(0, (BT // frames, N)).transpose(1, 2).flatten(0, 1)       # (B·T, N, d)
-        return self.up(x)                                               # (B·T, N, D)
+        return self.up(x)                                               # Eq. (7) Up: (B·T, N, D)
 
 
 class SpatialTemporalBlock(nn.Module):
@@ -297,7 +297,8 @@ class FrameAggregation(nn.Module):
         self.attn = Attention(embed_dim, num_heads=max(1, embed_dim // 64))
 
     def forward(self, frame_features):                                  # (B, T, E)
-        return (frame_features + self.attn(self.ln(frame_features))).mean(dim=1)  # (B, E)
+        # Eq. (5): F_V = Avg(F + MHA(LN(F))), (B, T, E) -> (B, E)
+        return (frame_features + self.attn(self.ln(frame_features))).mean(dim=1)
 
 
 class PromptBlock(nn.Module):
@@ -431,14 +432,15 @@ class OmniCLIP(nn.Module):
     def encode_video(self, videos):
         """Video features F_V (B, E) (Eq. 5) and time-averaged patch tokens (B, K, E)."""
         frame_features, patches = self.encode_frames(videos)
-        return self.frame_aggregation(frame_features), patches
+        return self.frame_aggregation(frame_features), patches         # Eq. (5)
 
     def forward(self, videos, class_features):
         """(B, T, 3, H, W) videos and cached (C, E) class features -> (B, C) logits (Eq. 8)."""
         video_features, patches = self.encode_video(videos)
         if self.prompt_generator is not None:
+            # X-CLIP: c_hat = c + gamma * c_tilde, one set of class features per video (B, C, E)
             class_features = self.prompt_generator(class_features.to(patches.dtype), patches)
-        return cosine_logits(video_features, class_features, self.clip.logit_scale)
+        return cosine_logits(video_features, class_features, self.clip.logit_scale)  # Eq. (8)
 
     def trainable_state_dict(self):
         """The adapters only: what a checkpoint holds. CLIP's weights come from OpenAI's file."""
