@@ -35,6 +35,12 @@ MODELS = {
                       "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/"
                       "ViT-L-14-336px.pt",
 }
+
+
+class WeightsError(Exception):
+    """A CLIP weights name or file that cannot be used: one line naming it and what is wrong."""
+
+
 # Integers stored beside the weights in OpenAI's archives; the shapes already say the same.
 DROPPED_KEYS = ("input_resolution", "context_length", "vocab_size")
 

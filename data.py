@@ -33,7 +33,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DATASETS = ("hmdb51", "ucf101", "k400", "ssv2", "list")
 
 
-class VideoError(Exception):
+class InputError(Exception):
+    """Bad input from the user (a file, a list, a flag): one line naming it and what is wrong.
+    The scripts' main() prints the message alone; any other exception is a bug and keeps its traceback."""
+
+
+class VideoError(InputError):
     """A video that cannot be read; the message names the file and the cause."""
 
 
