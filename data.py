@@ -35,7 +35,8 @@ DATASETS = ("hmdb51", "ucf101", "k400", "ssv2", "list")
 
 class InputError(Exception):
     """Bad input from the user (a file, a list, a flag): one line naming it and what is wrong.
-    The scripts' main() prints the message alone; any other exception is a bug and keeps its traceback."""
+    The scripts' main() prints the message alone; any other exception is a bug and keeps its
+    traceback."""
 
 
 class VideoError(InputError):
@@ -244,10 +245,11 @@ def multiscale_crop(h, w, generator=None):
     return y, x, ch, cw
 
 
-def train_transform(frames, size=224, generator=None):
+def train_transform(frames, size=224, generator=None, flip=0.5):
     """Training augmentation, one draw for the clip: uint8 (T, H, W, 3) -> (T, 3, S, S).
     Paper is silent; we follow X-CLIP: short side to 256 (256/224 * S), multi-scale crop,
-    resize to S; flip 0.5; colour jitter p 0.8; grayscale p 0.2. Unlike X-CLIP, colour jitter
+    resize to S; horizontal flip with probability `flip` (0.5; 0 for SSv2, whose classes say
+    left and right); colour jitter p 0.8; grayscale p 0.2. Unlike X-CLIP, colour jitter
     is drawn once per clip, not per frame, and the mean/std are CLIP's, not ImageNet's."""
     def chance(p):
         return torch.rand((), generator=generator).item() < p
@@ -257,7 +259,7 @@ def train_transform(frames, size=224, generator=None):
     # Cut the crop from the decoded frames and resize once: the same pixels as resizing to 256
     # first, with one interpolation instead of two.
     y0, y1, x0, x1 = (round(v / scale) for v in (y, y + ch, x, x + cw))
-    clip = _resize(frames[:, y0:y1, x0:x1], size, size, flip=chance(0.5))  # (T, 3, S, S)
+    clip = _resize(frames[:, y0:y1, x0:x1], size, size, flip=chance(flip))  # (T, 3, S, S)
     if chance(0.8):
         clip = color_jitter(clip, generator)
     if chance(0.2):
@@ -281,7 +283,7 @@ def eval_transform(frames, size=224, spatial_views=1):
         starts = (0, (long_side - size) // 2, long_side - size)
         views = [clip[..., s:s + size] if w >= h else clip[..., s:s + size, :] for s in starts]
     else:
-        raise ValueError(f"spatial views must be 1 or 3, got {spatial_views}")
+        raise InputError(f"--test-views: spatial views must be 1 or 3, got {spatial_views}")
     return normalize(torch.stack(views))  # (V_s, T, 3, S, S)
 
 
@@ -297,9 +299,11 @@ class VideoDataset(torch.utils.data.Dataset):
     count and name; without it the VideoError propagates."""
 
     def __init__(self, samples, frames, train, size=224, views=(1, 1), skip_errors=False,
-                 seed=None):
+                 seed=None, flip=0.5):
+        if not 0 <= flip <= 1:
+            raise InputError(f"--flip {flip}: a probability, from 0 (never) to 1 (always)")
         self.samples, self.frames, self.train, self.size = list(samples), frames, train, size
-        self.views, self.skip_errors, self.seed = tuple(views), skip_errors, seed
+        self.views, self.skip_errors, self.seed, self.flip = tuple(views), skip_errors, seed, flip
 
     def __len__(self):
         return len(self.samples)
@@ -322,7 +326,7 @@ class VideoDataset(torch.utils.data.Dataset):
                 state = np.random.SeedSequence([self.seed, index]).generate_state(1)[0]
                 generator = torch.Generator().manual_seed(int(state))
             frames = read_frames(path, lambda n: train_indices(n, T, generator))
-            return train_transform(torch.from_numpy(frames), self.size, generator)
+            return train_transform(torch.from_numpy(frames), self.size, generator, self.flip)
         temporal, spatial = self.views
         frames = read_frames(path, lambda n: sum(eval_indices(n, T, temporal), []))
         frames = torch.from_numpy(frames)  # (temporal * T, H, W, 3), decoded once for all views
@@ -341,7 +345,8 @@ def collate(items):
 
 
 # ----------------------------------------------------------------------------------------------
-# Official layouts. Each reader returns (samples, raw class names); load_dataset cleans the names.
+# Official layouts. Each reader returns (samples, raw class names, the file that names the
+# classes); load_dataset checks and cleans the names.
 
 def clean_class_name(name):
     """Prompt text from a class name: "brush_hair" -> "brush hair", "ApplyEyeMakeup" ->
@@ -354,7 +359,7 @@ def _expect(dataset, *parts):
     """The joined path, or an error saying what the dataset's layout expected where."""
     path = os.path.join(*parts)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{dataset}: expected {path}")
+        raise InputError(f"{dataset}: expected {path}")
     return path
 
 
@@ -363,7 +368,7 @@ def _first(dataset, folder, names):
     for name in names:
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
-    raise FileNotFoundError(f"{dataset}: expected one of {', '.join(names)} in {folder}")
+    raise InputError(f"{dataset}: expected one of {', '.join(names)} in {folder}")
 
 
 def _folder(root, *names):
@@ -375,6 +380,16 @@ def _folder(root, *names):
 def _lines(path):
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
+
+
+@contextlib.contextmanager
+def _parsing(path):
+    """A line or entry of `path` that is not in the expected form: an error naming the file."""
+    try:
+        yield
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        raise InputError(f"{path}: unexpected line or entry ({type(error).__name__}: "
+                         f"{error})") from error
 
 
 def _walk(folder):
@@ -391,42 +406,47 @@ def _hmdb51(root, split, subset):
     # follow the sorted names, so "kick" comes before "kick_ball".
     classes = sorted(f[:-len(suffix)] for f in os.listdir(splits) if f.endswith(suffix))
     if not classes:
-        raise FileNotFoundError(f"hmdb51: expected <class>{suffix} files in {splits}")
+        raise InputError(f"hmdb51: expected <class>{suffix} files in {splits}")
     if not any(os.path.isdir(os.path.join(root, c)) for c in classes):
-        raise FileNotFoundError(f"hmdb51: expected videos as {root}/<class>/<video>.avi, found "
-                                f"no class folder such as {os.path.join(root, classes[0])}")
+        raise InputError(f"hmdb51: expected videos as {root}/<class>/<video>.avi, found "
+                         f"no class folder such as {os.path.join(root, classes[0])}")
     wanted = {"train": "1", "test": "2"}[subset]  # 0 marks a video this split does not use
     samples = []
     for label, name in enumerate(classes):
-        for line in _lines(os.path.join(splits, name + suffix)):
-            video, tag = line.rsplit(maxsplit=1)
-            if tag == wanted:
-                samples.append((os.path.join(root, name, video), label))
-    return samples, classes
+        split_file = os.path.join(splits, name + suffix)
+        with _parsing(split_file):
+            for line in _lines(split_file):
+                video, tag = line.rsplit(maxsplit=1)
+                if tag == wanted:
+                    samples.append((os.path.join(root, name, video), label))
+    return samples, classes, splits
 
 
 def _ucf101(root, split, subset):
     lists = _expect("ucf101", root, "ucfTrainTestlist")
     videos = _folder(root, "UCF-101")  # the archive's folder, or the videos' classes in root
-    numbered = [line.split() for line in _lines(_expect("ucf101", lists, "classInd.txt"))]
-    classes = [name for _, name in sorted((int(i), name) for i, name in numbered)]  # 1-indexed
+    class_file = _expect("ucf101", lists, "classInd.txt")
+    with _parsing(class_file):  # lines "1 ApplyEyeMakeup": 1-indexed
+        classes = [name for _, name in sorted((int(i), name) for i, name in
+                                              (line.split() for line in _lines(class_file)))]
     # Lists, files and some folders disagree on case (HandstandPushups / HandStandPushups):
     # match class names and paths case-insensitively.
     label_of = {name.lower(): label for label, name in enumerate(classes)}
     on_disk = {rel.lower(): rel for rel in _walk(videos)}
     list_file = _expect("ucf101", lists, f"{subset}list0{split}.txt")
     samples = []
-    for line in _lines(list_file):
-        rel, *listed = line.split()  # testlist lines carry no label: it comes from the folder
-        folder = rel.split("/")[0].lower()
-        if folder not in label_of:
-            raise ValueError(f"ucf101: {list_file}: {rel} is in no class of classInd.txt")
-        label = label_of[folder]
-        if listed and int(listed[0]) - 1 != label:  # classInd and trainlist are 1-indexed
-            raise ValueError(f"ucf101: {list_file}: {rel} is listed as class {listed[0]}, "
-                             f"its folder is class {label + 1}")
-        samples.append((os.path.join(videos, on_disk.get(rel.lower(), rel)), label))
-    return samples, classes
+    with _parsing(list_file):
+        for line in _lines(list_file):
+            rel, *listed = line.split()  # testlist lines carry no label: it comes from the folder
+            folder = rel.split("/")[0].lower()
+            if folder not in label_of:
+                raise InputError(f"ucf101: {list_file}: {rel} is in no class of classInd.txt")
+            label = label_of[folder]
+            if listed and int(listed[0]) - 1 != label:  # classInd and trainlist are 1-indexed
+                raise InputError(f"ucf101: {list_file}: {rel} is listed as class {listed[0]}, "
+                                 f"its folder is class {label + 1}")
+            samples.append((os.path.join(videos, on_disk.get(rel.lower(), rel)), label))
+    return samples, classes, class_file
 
 
 _K400_CSVS = dict(train=["train.csv", "kinetics_train.csv", "kinetics-400_train.csv"],
@@ -437,102 +457,153 @@ def _k400(root, split, subset):
     """Kinetics-400; subset "test" reads the validation CSV, on which the field evaluates."""
     def read(path):  # rows by column name: some copies add an is_cc column
         with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        if not rows or "label" not in rows[0]:
+            raise InputError(f"k400: {path} has no label column "
+                             "(label,youtube_id,time_start,time_end,split)")
+        return rows
     annotations = _folder(root, "annotations")
     csv_path = _first("k400", annotations, _K400_CSVS[subset])
     rows = read(csv_path)
-    if not rows or "label" not in rows[0]:
-        raise ValueError(f"k400: {csv_path} has no label column "
-                         "(label,youtube_id,time_start,time_end,split)")
-    # Classes from every annotation CSV present, so train and test agree on the indices.
+    # Classes from every annotation CSV present, sorted (the CSVs themselves are in no class
+    # order), so train and test agree on the indices.
     csvs = [os.path.join(annotations, n) for n in _K400_CSVS["train"] + _K400_CSVS["test"]]
     classes = sorted({row["label"] for p in csvs if os.path.isfile(p)
-                      for row in read(p) if row.get("label")})
+                      for row in read(p) if row["label"]})
     label_of = {name: label for label, name in enumerate(classes)}
     on_disk = {os.path.splitext(os.path.basename(rel))[0]: rel for rel in _walk(root)
                if rel.endswith((".mp4", ".mkv", ".webm", ".avi"))}  # class folders or flat
     samples, missing = [], []
-    for row in rows:
-        start, end = int(float(row["time_start"])), int(float(row["time_end"]))
-        clip = f"{row['youtube_id']}_{start:06d}_{end:06d}"
-        if clip in on_disk:
-            samples.append((os.path.join(root, on_disk[clip]), label_of[row["label"]]))
-        else:
-            missing.append(clip)
+    with _parsing(csv_path):
+        for row in rows:
+            start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+            clip = f"{row['youtube_id']}_{start:06d}_{end:06d}"
+            if clip in on_disk:
+                samples.append((os.path.join(root, on_disk[clip]), label_of[row["label"]]))
+            else:
+                missing.append(clip)
     # Every copy of Kinetics lacks some videos (gone from YouTube): report them, do not fail.
     print(f"k400 {subset}: found {len(samples)} of {len(rows)} clips listed in {csv_path}"
           + (f" ({len(missing)} missing, e.g. {missing[0]}.mp4)" if missing else ""))
-    return samples, classes
+    return samples, classes, annotations
 
 
 def _ssv2(root, split, subset):
     """Something-Something v2; subset "test" reads validation.json (test labels are not public)."""
-    def read(name):
-        names = [name, f"something-something-v2-{name}"]
-        with open(_first("ssv2", _folder(root, "labels"), names), encoding="utf-8") as f:
+    def find(name):
+        return _first("ssv2", _folder(root, "labels"), [name, f"something-something-v2-{name}"])
+    def read(path):
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    index = {template: int(i) for template, i in read("labels.json").items()}  # "0", "1", ...
-    items = read({"train": "train.json", "test": "validation.json"}[subset])
+    labels_file = find("labels.json")
+    list_file = find({"train": "train.json", "test": "validation.json"}[subset])
+    with _parsing(labels_file):  # the ids are strings, "0", "1", ...: used as given, not re-sorted
+        index = {template: int(i) for template, i in read(labels_file).items()}
     classes = sorted(index, key=index.get)
+    if sorted(index.values()) != list(range(len(index))):
+        raise InputError(f"ssv2: {labels_file}: class ids are not 0 to {len(index) - 1}")
     videos = _folder(root, "20bn-something-something-v2", "videos")
     # Template "Putting [something] into [something]" is class "Putting something into something"
-    return [(os.path.join(videos, f"{item['id']}.webm"),
-             index[item["template"].replace("[", "").replace("]", "")]) for item in items], classes
+    with _parsing(list_file):
+        samples = [(os.path.join(videos, f"{item['id']}.webm"),
+                    index[item["template"].replace("[", "").replace("]", "")])
+                   for item in read(list_file)]
+    return samples, classes, labels_file
 
 
 def _list(root, split, subset):
     """Any dataset: root/{train,test}.txt, lines "<relative/path> <class index>", and
     root/classes.txt, one class name a line."""
-    classes = _lines(_expect("list", root, "classes.txt"))
+    class_file = _expect("list", root, "classes.txt")
+    classes = _lines(class_file)
     list_file = _expect("list", root, f"{subset}.txt")
     samples = []
-    for line in _lines(list_file):
-        rel, label = line.rsplit(maxsplit=1)
-        if not 0 <= int(label) < len(classes):
-            raise ValueError(f"list: {list_file}: label {label} of {rel} is not in classes.txt")
-        samples.append((os.path.join(root, rel), int(label)))
-    return samples, classes
+    with _parsing(list_file):
+        for line in _lines(list_file):
+            rel, label = line.rsplit(maxsplit=1)
+            if not 0 <= int(label) < len(classes):
+                raise InputError(f"list: {list_file}: label {label} of {rel} is not in classes.txt")
+            samples.append((os.path.join(root, rel), int(label)))
+    return samples, classes, class_file
 
 
 def load_dataset(name, root, split=1, subset="train"):
     """(samples [(path, label)], class names as prompt text) of one split's train or test list.
     Listed videos missing on disk stay in the list (reading them names them), except Kinetics,
-    whose copies always lack some: those are counted and left out."""
+    whose copies always lack some: those are counted and left out. A layout that cannot be read
+    is an InputError naming the file and pointing to the README and the doctor."""
     readers = dict(hmdb51=_hmdb51, ucf101=_ucf101, k400=_k400, ssv2=_ssv2, list=_list)
     if name not in readers:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise InputError(f"--dataset {name}: choose from {', '.join(DATASETS)}")
     if subset not in ("train", "test"):
-        raise ValueError(f"subset must be train or test, got {subset!r}")
-    if name in ("hmdb51", "ucf101") and split not in (1, 2, 3):
-        raise ValueError(f"{name} has splits 1, 2 and 3, got {split}")
-    if name not in ("hmdb51", "ucf101") and split != 1:
-        raise ValueError(f"{name} has a single official split, got split {split}")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name}: data root {root} does not exist")
-    samples, classes = readers[name](root, split, subset)
+        raise ValueError(f"subset must be train or test, got {subset!r}")  # a caller's bug
+    splits = (1, 2, 3) if name in ("hmdb51", "ucf101") else (1,)
+    if split not in splits:
+        raise InputError(f"--split {split}: {name} has split(s) {', '.join(map(str, splits))}")
+    hint = (f"see README, Datasets; check it with: "
+            f"python data.py --dataset {name} --data-root {root} --split {split}")
+    try:
+        if not os.path.isdir(root):
+            raise InputError(f"{name}: data root {root} does not exist or is not a folder")
+        samples, classes, source = readers[name](root, split, subset)
+        if not samples:
+            raise InputError(f"{name} split {split}: the {subset} list is empty")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise InputError(f"{name}: cannot read {getattr(error, 'filename', None) or root}: "
+                         f"{error} ({hint})") from error
+    except InputError as error:
+        raise InputError(f"{error} ({hint})") from error
+    check_class_names(classes, source)
     return samples, [clean_class_name(c) for c in classes]
+
+
+def check_class_names(names, where):
+    """Refuse a class list whose prompts cannot all be predicted: an empty list, an empty name,
+    duplicates, or two names that clean to the same prompt text ("kick_ball" and "KickBall")."""
+    if not names:
+        raise InputError(f"{where}: no class names")
+    by_text = collections.defaultdict(list)
+    for name in names:
+        by_text[clean_class_name(name)].append(name)
+    if "" in by_text:
+        raise InputError(f"{where}: an empty class name")
+    for text, same in by_text.items():
+        if len(same) > 1:
+            what = (f"class {same[0]!r} is listed {len(same)} times" if len(set(same)) == 1 else
+                    f"classes {', '.join(map(repr, same))} all become the prompt {text!r}")
+            raise InputError(f"{where}: {what}, so one of them could never be predicted")
+
+
+def overlapping_videos(train_samples, test_samples):
+    """Sorted real paths (symlinks resolved, relative made absolute) in both sample lists."""
+    def real(samples):
+        return {os.path.realpath(path) for path, _ in samples}
+    return sorted(real(train_samples) & real(test_samples))
 
 
 # ----------------------------------------------------------------------------------------------
 # Few-shot subsets
 
 def few_shot(samples, shots, seed, class_names=None):
-    """K videos per class drawn with a seed, in class order. With class_names a class with no
-    video at all is caught too; a class with fewer than K is an error naming it."""
+    """K videos per class drawn with a seed, in class order, from `samples` only (the split's
+    training list). With class_names a class with no video at all is caught too."""
     by_class = collections.defaultdict(list)
     for path, label in samples:
         by_class[int(label)].append(path)
     labels = range(len(class_names)) if class_names else sorted(by_class)
+    if shots < 1:
+        raise InputError(f"--shots {shots}: the number of training videos per class, 1 or more")
+    if not labels:
+        raise InputError(f"--shots {shots}: the training list is empty")
+    count = {label: len(by_class.get(label, [])) for label in labels}
+    smallest = min(labels, key=count.get)
+    if count[smallest] < shots:
+        name = f" ({class_names[smallest]})" if class_names else ""
+        raise InputError(f"--shots {shots}: class {smallest}{name} has only {count[smallest]} "
+                         "training videos, the fewest of any class")
     rng = random.Random(seed)
-    chosen = []
-    for label in labels:
-        videos = sorted(by_class.get(label, []))
-        if len(videos) < shots:
-            name = f" ({class_names[label]})" if class_names else ""
-            raise ValueError(f"few-shot: class {label}{name} has {len(videos)} training videos, "
-                             f"fewer than {shots} shots")
-        chosen += [(path, label) for path in rng.sample(videos, shots)]
-    return chosen
+    return [(path, label) for label in labels
+            for path in rng.sample(sorted(by_class[label]), shots)]
 
 
 def write_sample_list(path, samples):
@@ -611,12 +682,30 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
     root/<class>/<class>_NN.avi (mpeg4, like HMDB's Xvid) and
     root/testTrainMulti_7030_splits/<class>_test_split{1,2,3}.txt, lines "<video>.avi <1|2>",
     about 70/30 train/test, a different partition per split. Deterministic from the seed.
-    Returns the class names in label order (sorted, as load_dataset numbers them)."""
+    Returns the class names in label order (sorted, as load_dataset numbers them).
+    Never writes into a folder that holds anything but this same dataset, and deletes nothing:
+    root/synthetic.json, written last, records the settings of a complete dataset."""
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
-        raise ValueError(f"num_classes must be 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+        raise InputError(f"--classes {num_classes}: choose 1 to {len(SYNTHETIC_CLASSES)}")
+    if videos_per_class < 2:  # at least one training and one test video per class
+        raise InputError(f"--per-class {videos_per_class}: choose 2 or more")
+    classes = SYNTHETIC_CLASSES[:num_classes]
+    names = sorted(name for name, _, _ in classes)
+    settings = dict(num_classes=num_classes, videos_per_class=videos_per_class, frames=frames,
+                    size=list(size), seed=seed, fps=fps)
+    marker = os.path.join(root, "synthetic.json")
+    if os.path.isdir(root) and os.listdir(root):
+        if not os.path.isfile(marker):
+            raise InputError(f"{root}: not empty and not a complete synthetic dataset "
+                             "(no synthetic.json); choose a new folder, nothing was written")
+        with open(marker, encoding="utf-8") as f:
+            made = json.load(f)
+        if made != settings:
+            raise InputError(f"{root}: holds a synthetic dataset made with other settings "
+                             f"({made}); choose a new folder, nothing was written")
+        return names  # already there, complete
     width, height = size
     os.makedirs(os.path.join(root, "testTrainMulti_7030_splits"), exist_ok=True)
-    classes = SYNTHETIC_CLASSES[:num_classes]
     for c, (name, shape, motion) in enumerate(classes):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         videos = [f"{name}_{i:02d}.avi" for i in range(videos_per_class)]
@@ -632,21 +721,36 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
             split_file = f"{name}_test_split{split}.txt"
             with open(os.path.join(root, "testTrainMulti_7030_splits", split_file), "w") as f:
                 f.writelines(f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos))
-    return sorted(name for name, _, _ in classes)
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump(settings, f)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the dataset doctor and the loader benchmark
+# Command line: the dataset doctor, the synthetic dataset and the loader benchmark
+
+def progress(iterable, total=None, desc="", seconds=30):
+    """tqdm's bar on a terminal; when stderr is redirected to a log, a plain line every
+    `seconds` and one at the end (a bar's carriage returns would flood the log)."""
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, total=total, desc=desc)
+        return
+    start = last = time.monotonic()
+    done = 0
+    for done, item in enumerate(iterable, 1):
+        yield item
+        if time.monotonic() - last >= seconds:
+            last = time.monotonic()
+            print(f"{desc}: {done}/{total or '?'} after {last - start:.0f} s", file=sys.stderr)
+    print(f"{desc}: {done}/{total or '?'} done in {time.monotonic() - start:.0f} s",
+          file=sys.stderr)
+
 
 def doctor(dataset, root, split=1, workers=None):
     """Print counts per split and class, then every missing file, every video that does not
     decode (with the reason) and every video in both lists. Returns the exit status: 0 when all
-    is well, 1 when some video is bad, 2 when the layout itself cannot be read."""
-    try:
-        lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
-    except (OSError, ValueError, KeyError) as error:
-        print(f"error: {type(error).__name__}: {error}")
-        return 2
+    is well, 1 when some video is bad; a layout that cannot be read is an InputError (status 2)."""
+    lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
     classes = lists["train"][1]
     counts = {s: collections.Counter(label for _, label in lists[s][0]) for s in lists}
     print(f"{dataset} split {split}: {len(classes)} classes, "
@@ -655,8 +759,8 @@ def doctor(dataset, root, split=1, workers=None):
         print(f"  {label:4d} {name:40s} train {counts['train'][label]:6d}  "
               f"test {counts['test'][label]:6d}")
     problems = []
-    shared = {p for p, _ in lists["train"][0]} & {p for p, _ in lists["test"][0]}
-    problems += [f"{p}: in both the train and the test list" for p in sorted(shared)]
+    shared = overlapping_videos(lists["train"][0], lists["test"][0])
+    problems += [f"{p}: in both the train and the test list" for p in shared]
     paths = sorted({p for s in lists for p, _ in lists[s][0]})
 
     def check(path):
@@ -665,7 +769,7 @@ def doctor(dataset, root, split=1, workers=None):
         except VideoError as error:
             return str(error)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        results = tqdm(pool.map(check, paths), total=len(paths), desc="decoding")
+        results = progress(pool.map(check, paths), total=len(paths), desc="decoding")
         problems += [error for error in results if error]
     for problem in problems:
         print(f"BAD {problem}")
@@ -713,25 +817,55 @@ def benchmark(frame_counts=(8, 32), seconds=6.0, size=224):
     torch.set_num_threads(threads)
 
 
+def make_synthetic(root, num_classes, videos_per_class):
+    """The --make-synthetic command: write the dataset, say what was written and how to train."""
+    names = make_synthetic_dataset(root, num_classes, videos_per_class)
+    print(f"{root}: {len(names)} classes x {videos_per_class} synthetic videos (32 frames, "
+          f"320x240, mpeg4 AVI) in HMDB51's layout, splits 1-3: {', '.join(names)}")
+    print("check it:  python data.py --dataset hmdb51 --data-root " + root)
+    print("few-shot smoke run (tiny random CLIP, CPU, a few minutes):\n"
+          f"  python train.py --dataset hmdb51 --data-root {root} --shots 2 --model tiny "
+          "--frames 8 --epochs 2 --out runs/smoke")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a dataset (doctor) or time the loader.")
+    parser = argparse.ArgumentParser(description="Check a dataset (doctor), write a synthetic "
+                                     "one, or time the loader.")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset layout to check")
     parser.add_argument("--data-root", help="dataset root in its official layout")
     parser.add_argument("--split", type=int, default=1, help="split 1, 2 or 3 (hmdb51, ucf101)")
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads for the doctor (default: all cores)")
+    parser.add_argument("--make-synthetic", metavar="DIR",
+                        help="write a small dataset in HMDB51's layout whose classes differ only "
+                             "in motion, for smoke tests (DIR must be new or empty)")
+    parser.add_argument("--classes", type=int, default=6,
+                        help=f"--make-synthetic: classes, 1-{len(SYNTHETIC_CLASSES)} (6)")
+    parser.add_argument("--per-class", type=int, default=12,
+                        help="--make-synthetic: videos per class, about 70%% train (12)")
     parser.add_argument("--benchmark", action="store_true",
                         help="training clips/s, ours against a naive PIL pipeline")
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32],
                         help="T values to benchmark (8: supervised presets, 32: few/zero-shot)")
     parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
     args = parser.parse_args(argv)
-    if args.benchmark:
-        benchmark(args.frames, args.seconds)
-        return 0
-    if not (args.dataset and args.data_root):
-        parser.error("give --dataset and --data-root, or --benchmark")
-    return doctor(args.dataset, args.data_root, args.split, args.workers)
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise InputError(f"--workers {args.workers}: 1 or more")
+        if args.make_synthetic:
+            make_synthetic(args.make_synthetic, args.classes, args.per_class)
+            return 0
+        if args.benchmark:
+            if min(args.frames) < 1 or args.seconds <= 0:
+                raise InputError("--frames and --seconds: positive numbers")
+            benchmark(args.frames, args.seconds)
+            return 0
+        if not (args.dataset and args.data_root):
+            parser.error("give --dataset and --data-root, --make-synthetic DIR, or --benchmark")
+        return doctor(args.dataset, args.data_root, args.split, args.workers)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every video is written by the test itself with PyAV. A frame's content encodes i
 black/white stripes, one bit each), so a test reads back *which* frame it got, not only how many.
 """
 import json
+import re
 import os
 
 import av
@@ -204,11 +205,11 @@ def test_hmdb51_layout(tmp_path):
     assert sorted(os.path.basename(p) for p, _ in test if "kick" in p) == ["k_1.avi", "kb_1.avi"]
     train2, _ = data.load_dataset("hmdb51", root, split=2, subset="train")
     assert (os.path.join(root, "kick", "k_2.avi"), 1) in train2 and len(train2) == 5
-    with pytest.raises(FileNotFoundError, match="_test_split3.txt"):
+    with pytest.raises(data.InputError, match="_test_split3.txt"):
         data.load_dataset("hmdb51", root, split=3)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(data.InputError, match="does not exist"):
         data.load_dataset("hmdb51", str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="testTrainMulti_7030_splits"):
+    with pytest.raises(data.InputError, match="testTrainMulti_7030_splits"):
         data.load_dataset("hmdb51", os.path.join(root, "kick"))
 
 
@@ -235,7 +236,7 @@ def test_ucf101_layout(tmp_path):
     test, _ = data.load_dataset("ucf101", root, split=1, subset="test")
     assert test == [(os.path.join(root, "HandStandPushups", "v_HandStandPushups_g01_c01.avi"), 1),
                     (os.path.join(root, "YoYo", "v_YoYo_g01_c01.avi"), 2)]
-    with pytest.raises(FileNotFoundError, match="testlist02.txt"):
+    with pytest.raises(data.InputError, match="testlist02.txt"):
         data.load_dataset("ucf101", root, split=2, subset="test")
 
 
@@ -260,7 +261,7 @@ def test_k400_layout(tmp_path, capsys):
     assert "found 2 of 3" in capsys.readouterr().out
     test, _ = data.load_dataset("k400", root, subset="test")
     assert test == [(os.path.join(root, "val", "v1_000003_000013.mp4"), 1)]
-    with pytest.raises(ValueError, match="single official split"):
+    with pytest.raises(data.InputError, match="--split 2: k400 has split"):
         data.load_dataset("k400", root, split=2)
 
 
@@ -293,7 +294,7 @@ def test_list_layout(tmp_path):
     assert classes == ["wave hand", "sit down"]
     assert train == [(os.path.join(root, "my clips", "a b.mp4"), 1),
                      (os.path.join(root, "other", "c.avi"), 0)]
-    with pytest.raises(FileNotFoundError, match="test.txt"):
+    with pytest.raises(data.InputError, match="test.txt"):
         data.load_dataset("list", root, subset="test")
 
 
@@ -348,10 +349,10 @@ def test_few_shot_is_seeded_and_round_trips(tmp_path):
     path = str(tmp_path / "few_shot.txt")
     data.write_sample_list(path, chosen)
     assert data.read_sample_list(path) == chosen
-    short = r"class 2 \(kick ball\) has 3 training videos, fewer than 4"
-    with pytest.raises(ValueError, match=short):
+    short = r"--shots 4: class 2 \(kick ball\) has only 3 training videos"
+    with pytest.raises(data.InputError, match=short):
         data.few_shot(samples, 4, seed=0, class_names=["a", "b", "kick ball"])
-    with pytest.raises(ValueError, match=r"class 3 \(sit\) has 0"):
+    with pytest.raises(data.InputError, match=r"class 3 \(sit\) has only 0"):
         data.few_shot(samples, 2, seed=0, class_names=["a", "b", "c", "sit"])
 
 
@@ -408,4 +409,119 @@ def test_doctor_passes_a_good_dataset_and_names_every_problem(tmp_path, capsys):
         assert any(name in line and cause in line
                    for line in out.splitlines() if line.startswith("BAD"))
     assert data.main(["--dataset", "ucf101", "--data-root", root]) == 2
-    assert "ucfTrainTestlist" in capsys.readouterr().out
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ucf101: expected") and "ucfTrainTestlist" in err
+    assert "\n" not in err and "see README, Datasets" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input gets one line naming it
+
+def ramp_frames(T, height=48, width=64):
+    """uint8 (T, H, W, 3): gray rising from left to right, so any crop is darker on its left
+    (every colour operation keeps that order on a gray image; 20..180 stays clear of clamping)."""
+    ramp = np.linspace(20, 180, width).astype(np.uint8)
+    return np.broadcast_to(ramp[None, None, :, None], (T, height, width, 3)).copy()
+
+
+def darker_on_the_left(clip):
+    return (clip[..., :4].mean() < clip[..., -4:].mean()).item()
+
+
+def test_flip_zero_never_flips_and_flip_one_always_does():
+    clip = torch.from_numpy(ramp_frames(2))
+    for flip, expected in [(0.0, True), (1.0, False)]:
+        for seed in range(20):
+            out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
+            assert darker_on_the_left(out) == expected, f"flip={flip}, seed {seed}"
+    flips = [not darker_on_the_left(data.train_transform(clip, 32, torch.Generator().manual_seed(s)))
+             for s in range(200)]
+    assert 70 < sum(flips) < 130  # the default flips half of the clips
+
+
+def test_ssv2_style_dataset_with_flip_zero_never_flips(tmp_path):
+    path = str(tmp_path / "1.webm")
+    data.write_video(path, ramp_frames(8), codec="libvpx-vp9")
+    dataset = data.VideoDataset([(path, 0)] * 30, frames=2, train=True, size=32, flip=0)
+    for i in range(30):
+        assert darker_on_the_left(dataset[i]["video"]), f"draw {i} was flipped"
+    with pytest.raises(data.InputError, match="--flip 1.5"):
+        data.VideoDataset([(path, 0)], frames=2, train=True, flip=1.5)
+
+
+def test_overlapping_videos_compares_real_paths(tmp_path, monkeypatch):
+    real = tmp_path / "videos"
+    real.mkdir()
+    for name in ("a.avi", "b.avi", "c.avi"):
+        (real / name).write_bytes(b"x")
+    os.symlink(real, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    train = [(str(tmp_path / "link" / "a.avi"), 0), ("videos/b.avi", 1), (str(real / "c.avi"), 2)]
+    test = [(str(real / "a.avi"), 0), (str(real / "b.avi"), 1), ("videos/../videos/x.avi", 2)]
+    assert data.overlapping_videos(train, test) == [str(real / "a.avi"), str(real / "b.avi")]
+    assert data.overlapping_videos(train[2:], test) == []
+
+
+def test_class_names_that_cannot_all_be_predicted_are_refused():
+    data.check_class_names(["kick", "kick_ball", "sword", "sword_exercise"], "hmdb51")
+    for names, named in [([], "no class names"), (["sit", "kick_ball", "KickBall"], "'kick_ball', 'KickBall'"),
+                         (["sit", "stand", "sit"], "'sit' is listed 2 times"),
+                         (["Sit", "sit "], "'Sit', 'sit '"), (["a", "_"], "empty class name")]:
+        with pytest.raises(data.InputError, match=re.escape(named)) as error:
+            data.check_class_names(names, "--classes")
+        assert str(error.value).startswith("--classes: ")
+
+
+def test_layout_with_clashing_class_names_is_refused(tmp_path):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "classes.txt"), "kick_ball\nKickBall\n")
+    write_text(os.path.join(root, "train.txt"), "a.avi 0\nb.avi 1\n")
+    with pytest.raises(data.InputError, match=r"classes.txt: classes 'kick_ball', 'KickBall'"):
+        data.load_dataset("list", root)
+
+
+def test_dataset_errors_name_the_file_and_point_to_readme_and_doctor(tmp_path):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "classes.txt"), "sit\nstand\n")
+    write_text(os.path.join(root, "train.txt"), "\n")
+    write_text(os.path.join(root, "test.txt"), "a.avi 0\nb.avi 7\n")
+    doctor = f"python data.py --dataset list --data-root {root} --split 1"
+    for kwargs, message in [(dict(subset="train"), "list split 1: the train list is empty"),
+                            (dict(subset="test"), "label 7 of b.avi is not in classes.txt"),
+                            (dict(split=2), "--split 2: list has split(s) 1")]:
+        with pytest.raises(data.InputError, match=re.escape(message)) as error:
+            data.load_dataset("list", root, **kwargs)
+        if "split" not in kwargs:
+            assert "see README, Datasets" in str(error.value) and doctor in str(error.value)
+    with pytest.raises(data.InputError, match=r"--dataset kinetics: choose from hmdb51"):
+        data.load_dataset("kinetics", root)
+    with pytest.raises(data.InputError, match="nowhere.*does not exist.*see README, Datasets"):
+        data.load_dataset("hmdb51", str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("shots", [0, -1])
+def test_few_shot_refuses_fewer_than_one_shot(shots):
+    with pytest.raises(data.InputError, match=f"--shots {shots}: .*1 or more"):
+        data.few_shot([("a.avi", 0), ("b.avi", 1)], shots, seed=0)
+
+
+def test_make_synthetic_from_the_command_line_refuses_foreign_folders(tmp_path, capsys):
+    root = str(tmp_path / "syn")
+    assert data.main(["--make-synthetic", root, "--classes", "2", "--per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    assert root in out and "python train.py --dataset hmdb51 --data-root " + root in out
+    assert "--shots" in out
+    train, classes = data.load_dataset("hmdb51", root)
+    assert classes == ["move left", "move right"] and len(train) == 2 * 2
+    assert data.main(["--make-synthetic", root, "--classes", "2", "--per-class", "3"]) == 0
+    assert data.main(["--make-synthetic", root, "--classes", "3", "--per-class", "3"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert data.main(["--make-synthetic", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {foreign}: not empty") and err.count("\n") == 1
+    assert os.listdir(foreign) == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "keep me"
+    assert data.main(["--make-synthetic", str(tmp_path / "x"), "--classes", "11"]) == 2
+    assert "--classes 11" in capsys.readouterr().err
