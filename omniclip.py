@@ -8,8 +8,8 @@ Pure torch.nn: no file or network I/O (that is clip_weights.py).
 
 Shape legend: B batch, T frames, N tokens per frame (1 + K, plus K/4 SPG prompts), K patches,
 D ViT width, E joint embed dim, C classes, L text length, h heads.
-Where the paper is silent or ambiguous, comments say "paper is silent; we ..." and
-../shared/SPEC.md names the choice.
+Where the paper is silent or ambiguous, comments say "paper is silent; we ..." and quote it; the
+README's "Departures from the paper" table lists every such choice and the flag for the other reading.
 """
 import math
 from collections import OrderedDict
@@ -36,7 +36,8 @@ ARCHITECTURES = {
                  vision_patch_size=16, context_length=77, vocab_size=49408, text_width=128,
                  text_heads=2, text_layers=2),
 }
-CONNECTIONS = ("block-parallel", "attention-parallel", "cascade")
+CONNECTIONS = ("block-parallel", "attention-parallel", "cascade")  # Table 11: Fig. 5(c), 5(b), 5(a)
+PROMPT_GENERATORS = ("ours", "xclip")  # video-specific prompts: see VideoSpecificPrompt, XCLIPPrompt
 
 
 @dataclass
@@ -56,12 +57,15 @@ class OmniCLIPConfig:
     frames: int = 8                 # T; Table 1: 8 supervised, 32 few-shot and zero-shot (Sec. 4)
     pta: bool = True                # Table 7: the Parallel Temporal Adapter on/off
     pta_layers: list | None = None  # Table 10: 0-indexed layers with a PTA; None = all (the paper's best)
-    temporal_ratio: float = 0.25    # Table 8: Down projector ratio, 1/4 best
-    connection: str = "block-parallel"  # Table 11: block-parallel (ours) | attention-parallel | cascade
+    temporal_ratio: float = 0.25    # Table 8: the PTA's Down ratio (Eq. 7), 1/4 best
+    # Table 11: block-parallel (ours, Fig. 5(c)) | attention-parallel (5(b)) | cascade (5(a), ST-Adapter)
+    connection: str = "block-parallel"
     spg: bool = True                # Table 7: the Self-Prompt Generator on/off
     spg_pooling: str = "avg"        # Table 9: avg | max
     spg_projector: bool = True      # Table 9: learnable projector after pooling
+    spg_per_layer: bool = False     # Sec. 3.2-3.3 read as R^i = SPG(V^i) at every layer (see encode_frames)
     video_prompts: bool = True      # X-CLIP's video-specific text prompts (Sec. 3.1 "following [26]")
+    prompt_generator: str = "ours"  # ours | xclip (X-CLIP's released code exactly): see XCLIPPrompt
     prompt_layers: int = 2          # X-CLIP's released configuration: 2 prompt blocks
     gradient_checkpointing: bool = False  # recompute blocks in backward: memory for time at large T
 
@@ -70,6 +74,11 @@ class OmniCLIPConfig:
             raise ValueError(f"connection must be one of {CONNECTIONS}, got {self.connection!r}")
         if self.spg_pooling not in ("avg", "max"):
             raise ValueError(f"spg_pooling must be 'avg' or 'max', got {self.spg_pooling!r}")
+        if self.spg_per_layer and not self.spg:
+            raise ValueError("spg_per_layer needs the SPG: it regenerates the SPG prompts at every layer")
+        if self.prompt_generator not in PROMPT_GENERATORS:
+            raise ValueError(f"prompt_generator must be one of {PROMPT_GENERATORS}, "
+                             f"got {self.prompt_generator!r}")
         if self.image_resolution % self.vision_patch_size:
             raise ValueError("image_resolution must be a multiple of vision_patch_size")
         if self.pta_layers is not None:
@@ -97,13 +106,13 @@ class Attention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names, computed by
     scaled_dot_product_attention. Self-attention by default; `context` gives cross-attention."""
 
-    def __init__(self, width, num_heads):
+    def __init__(self, width, num_heads, qkv_bias=True):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if qkv_bias else None
         self.out_proj = nn.Linear(width, width)
         nn.init.normal_(self.in_proj_weight, std=width ** -0.5)
 
@@ -113,7 +122,7 @@ class Attention(nn.Module):
             q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
             w_q, w_kv = self.in_proj_weight.split([D, 2 * D])
-            b_q, b_kv = self.in_proj_bias.split([D, 2 * D])
+            b_q, b_kv = (None, None) if self.in_proj_bias is None else self.in_proj_bias.split([D, 2 * D])
             q = F.linear(x, w_q, b_q)
             k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
         h = self.num_heads
@@ -215,11 +224,15 @@ class CLIP(nn.Module):
 # OmniCLIP's new modules.
 
 class SelfPromptGenerator(nn.Module):
-    """Eq. (6): R = Projector(Avg(V^0)), K/4 prompt tokens per frame from 2x2 pooling of the patches.
+    """Eq. (6): R = Projector(Avg(V)), K/4 prompt tokens per frame from 2x2 pooling of the patches.
 
     Paper is silent on the projector's widths and init; we use D -> D/4 -> D with GELU, applied
     residually (R = A + MLP(A)) with its last layer at zero, so at init the prompts are Table 9's
-    'Avg.' variant. For an odd patch grid (ViT-B/32: 7x7) we pool with ceil_mode: 4x4 prompts."""
+    'Avg.' variant. For an odd patch grid (ViT-B/32: 7x7) we pool with ceil_mode: 4x4 prompts.
+    Once (default) or at every layer (spg_per_layer): OmniCLIP.encode_frames quotes both readings.
+    Per layer, one projector serves every layer: Eq. (6) writes R^i and V^i with a layer index but
+    Projector without one. One per layer would cost L times D^2/2 + 5D/4 parameters: 3.55 M for
+    ViT-B/16 where the shared one costs 0.30 M (of 13.0 M trained in all: +25% for no stated gain)."""
 
     def __init__(self, width, grid, pooling="avg", projector=True):
         super().__init__()
@@ -263,17 +276,51 @@ class ParallelTemporalAdapter(nn.Module):
         return self.up(x)                                               # Eq. (7) Up: (B·T, N, D)
 
 
+class STAdapter(nn.Module):
+    """Table 11's cascade adapter: ST-Adapter (Pan et al., NeurIPS 2022, the paper's [27]). Sec. 4.4:
+    "the cascade variant of the temporal adapter can be viewed as a specialized form of the
+    ST-Adapter, leveraging 3D convolution", at "relatively higher computational cost".
+
+    Up(DWConv3D(Down(V))) over the (T, h, w) grid of the patch tokens. Read from ST-Adapter's
+    released code (linziyi96/st-adapter, models_adapter.py and its ViT-B/16 scripts "12x384",
+    "24x384"): bottleneck D/2 (384 for ViT-B/16), depthwise kernel (3, 1, 1) (time; space is the
+    frozen attention's job), no activation; the convolution and both biases start at zero, Down and
+    Up keep PyTorch's random init, so it adds 0 at init (identity holds) and still gets gradients.
+    Only the K patch tokens are adapted (that code takes x[:, 1:]); the class token and the SPG
+    prompts, which are not on the patch grid, get 0 and pass unchanged."""
+
+    def __init__(self, width, grid, kernel_size=(3, 1, 1)):
+        super().__init__()
+        hidden, self.grid = width // 2, grid
+        self.down = nn.Linear(width, hidden)
+        self.conv = nn.Conv3d(hidden, hidden, kernel_size, padding=[k // 2 for k in kernel_size],
+                              groups=hidden)                            # depthwise: one filter per channel
+        self.up = nn.Linear(hidden, width)
+
+    def forward(self, x, frames):                                       # (B·T, N, D)
+        BT, N, _ = x.shape
+        g, K = self.grid, self.grid ** 2
+        h = self.down(x[:, 1:1 + K]).unflatten(0, (BT // frames, frames))     # (B, T, K, d)
+        h = self.conv(h.unflatten(2, (g, g)).permute(0, 4, 1, 2, 3))         # (B, d, T, h, w)
+        h = self.up(h.permute(0, 2, 3, 4, 1).flatten(2, 3).flatten(0, 1))    # (B·T, K, D)
+        return F.pad(h, (0, 0, 1, N - 1 - K))                           # (B·T, N, D): 0 off the grid
+
+
 class SpatialTemporalBlock(nn.Module):
     """Eqs. (2)-(4): a frozen CLIP ViT layer with a trainable PTA beside it, fused by alpha.
 
     The frozen layer is passed in rather than held, so its weights live once, under `clip.`.
-    To try another adapter, replace `self.pta` (any module mapping (B·T, N, D), frames to the same)."""
+    `self.pta` is the block's temporal adapter (ST-Adapter for the cascade). To try another, replace
+    the PTA line (any module mapping (B·T, N, D), frames to the update it adds, same shape)."""
 
-    def __init__(self, width, temporal_ratio=0.25, connection="block-parallel"):
+    def __init__(self, width, temporal_ratio=0.25, connection="block-parallel", grid=None):
         super().__init__()
         self.connection = connection
-        self.pta = ParallelTemporalAdapter(width, temporal_ratio)
-        self.alpha = nn.Parameter(torch.ones(()))  # Eq. (4): one learnable scalar per layer, init 1
+        if connection != "cascade":
+            self.pta = ParallelTemporalAdapter(width, temporal_ratio)
+            self.alpha = nn.Parameter(torch.ones(()))  # Eq. (4): one learnable scalar per layer, init 1
+        else:                                           # ST-Adapter has no alpha: its own residual only
+            self.pta, self.alpha = STAdapter(width, grid), None
 
     def forward(self, x, vit, frames):
         if self.connection == "block-parallel":      # Fig. 5(c), ours
@@ -283,13 +330,14 @@ class SpatialTemporalBlock(nn.Module):
         if self.connection == "attention-parallel":  # Fig. 5(b): PTA beside the attention only
             x = x + vit.attention(x) + self.alpha * self.pta(x, frames)
             return x + vit.feed_forward(x)
-        x = x + self.alpha * self.pta(x, frames)      # Fig. 5(c) cascade: adapter, then the layer
-        return vit(x)
+        return vit(x + self.pta(x, frames))           # Fig. 5(a) cascade: ST-Adapter, then the layer
 
 
 class FrameAggregation(nn.Module):
-    """Eq. (5): F_V = Avg(MHA([F_1 .. F_T])). Paper writes no residual; we use F + MHA(LN(F)) with
-    the MHA output at zero, so at init F_V is CLIP's frame average (its zero-shot classifier)."""
+    """Eq. (5): F_V = Avg(MHA([F_1 .. F_T])). The paper writes no residual and no LayerNorm; we use
+    Avg(F + MHA(LN(F))) with the MHA output at zero, so at init F_V is CLIP's frame average (its
+    zero-shot classifier) and the identity test holds. X-CLIP's MIT, the head of [26], goes further:
+    a learned positional embedding over frames and a full transformer block (attention and MLP)."""
 
     def __init__(self, embed_dim):
         super().__init__()
@@ -304,10 +352,10 @@ class FrameAggregation(nn.Module):
 class PromptBlock(nn.Module):
     """One block of X-CLIP's prompt generator: class features attend to the video's patches."""
 
-    def __init__(self, embed_dim):
+    def __init__(self, embed_dim, qkv_bias=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(embed_dim)
-        self.attn = Attention(embed_dim, num_heads=max(1, embed_dim // 64))
+        self.attn = Attention(embed_dim, num_heads=max(1, embed_dim // 64), qkv_bias=qkv_bias)
         self.ln_2 = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(embed_dim, 4 * embed_dim),
                                              gelu=QuickGELU(),
@@ -320,15 +368,24 @@ class PromptBlock(nn.Module):
 
 class VideoSpecificPrompt(nn.Module):
     """X-CLIP Sec. 3.3: c_hat = c + gamma * c_tilde, c_tilde from the class features attending to
-    the video's patch tokens. Departures (SPEC): keys/values are the patches through CLIP's frozen
-    ln_post and proj (X-CLIP learns its own), and output projections start at zero (X-CLIP: random),
-    so at init c_hat = 1.1 c, whose cosine with any video equals that of c."""
+    the video's patch tokens (Sec. 3.1: "Following the approach in [26], we further enrich the text
+    feature with video-specific prompts"; the class text is the template "A video of [CLS] action").
 
-    def __init__(self, embed_dim, layers=2):
+    The default (prompt_generator="ours") departs from X-CLIP's code in three ways, each so that an
+    untrained OmniCLIP is exactly CLIP's zero-shot classifier (the identity test): keys/values are
+    the patches through CLIP's frozen ln_post and proj (X-CLIP learns its own LayerNorm and a random
+    projection: new, untrained keys), q/k/v have biases, and the output projections start at zero
+    (X-CLIP: random), so at init c_hat = 1.1 c, whose cosine with any video equals that of c.
+    "Following [26]" names the approach, not its initialisation; XCLIPPrompt is X-CLIP's exactly."""
+
+    def __init__(self, embed_dim, layers=2, qkv_bias=True):
         super().__init__()
         self.ln = nn.LayerNorm(embed_dim)
-        self.blocks = nn.ModuleList([PromptBlock(embed_dim) for _ in range(layers)])
+        self.blocks = nn.ModuleList([PromptBlock(embed_dim, qkv_bias) for _ in range(layers)])
         self.gamma = nn.Parameter(torch.full((embed_dim,), 0.1))  # X-CLIP: learnable, init 0.1
+
+    def project_patches(self, patches, visual):    # (B·T, K, D) -> (B·T, K, E), CLIP's frozen ones
+        return visual.ln_post(patches) @ visual.proj
 
     def forward(self, class_features, patches):    # (C, E), (B, K, E)
         patches = self.ln(patches)
@@ -336,6 +393,22 @@ class VideoSpecificPrompt(nn.Module):
         for block in self.blocks:
             x = block(x, patches)
         return class_features + self.gamma * x                          # (B, C, E)
+
+
+class XCLIPPrompt(VideoSpecificPrompt):
+    """prompt_generator="xclip": what X-CLIP's released code computes (microsoft/VideoX, X-CLIP/
+    models/prompt.py and xclip.py): the last layer's patch tokens go through its own LayerNorm (D)
+    and a projection (D x E, torch.randn: std 1) per frame, then are averaged over time; q/k/v have
+    no bias; every Linear starts trunc_normal(std .02) with zero bias (OmniCLIP._init_adapters).
+    Nothing starts at zero, so the prompts move the class features from the first step."""
+
+    def __init__(self, embed_dim, width, layers=2):
+        super().__init__(embed_dim, layers, qkv_bias=False)
+        self.visual_ln = nn.LayerNorm(width)
+        self.visual_proj = nn.Parameter(torch.randn(width, embed_dim))
+
+    def project_patches(self, patches, visual):    # (B·T, K, D) -> (B·T, K, E), its own
+        return self.visual_ln(patches) @ self.visual_proj
 
 
 def cosine_logits(video_features, class_features, logit_scale):
@@ -363,11 +436,19 @@ class OmniCLIP(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.zeros(c.frames, D))   # Eq. (1): TE, (T, D)
         self.spg = SelfPromptGenerator(D, c.grid, c.spg_pooling, c.spg_projector) if c.spg else None
         layers = range(c.vision_layers) if c.pta_layers is None else c.pta_layers
-        self.blocks = nn.ModuleDict({str(i): SpatialTemporalBlock(D, c.temporal_ratio, c.connection)
+        self.blocks = nn.ModuleDict({str(i): SpatialTemporalBlock(D, c.temporal_ratio, c.connection, c.grid)
                                      for i in (layers if c.pta else [])})
         self.frame_aggregation = FrameAggregation(E)
-        self.prompt_generator = VideoSpecificPrompt(E, c.prompt_layers) if c.video_prompts else None
+        self.prompt_generator = None
+        if c.video_prompts:
+            self.prompt_generator = (VideoSpecificPrompt(E, c.prompt_layers) if c.prompt_generator == "ours"
+                                     else XCLIPPrompt(E, D, c.prompt_layers))
         self._init_adapters()
+
+    def adapter_name(self):
+        """Class name of the blocks' temporal adapter ("ParallelTemporalAdapter", "STAdapter", a
+        fork's), recorded in checkpoints; None when there are no blocks."""
+        return next((type(block.pta).__name__ for block in self.blocks.values()), None)
 
     @torch.no_grad()
     def _init_adapters(self):
@@ -379,14 +460,30 @@ class OmniCLIP(nn.Module):
         | blocks.i.pta.down / attn        | random             | the adapter can learn          |
         | blocks.i.pta.up (Eq. 7)         | 0                  | V_t = 0: the ViT is unchanged  |
         | blocks.i.alpha (Eq. 4)          | 1                  |                                |
+        | cascade: pta.conv, all biases   | 0 (ST-Adapter's)   | it adds 0; its Up stays random |
         | frame_aggregation.attn.out_proj | 0                  | F_V = mean_t F_t (Eq. 5)       |
         | prompt_generator out projs      | 0, gamma 0.1       | c_hat = 1.1 c: same cosine     |
+        | xclip: every Linear, q/k/v      | trunc_normal .02   | X-CLIP's init: no identity     |
         """
-        zero = [block.pta.up for block in self.blocks.values()]
+        zero = []
+        for block in self.blocks.values():
+            if isinstance(block.pta, STAdapter):  # ST-Adapter's init: conv 0, Down and Up random with
+                zero.append(block.pta.conv)       # 0 biases (zeroing Up too would stop every gradient)
+                nn.init.zeros_(block.pta.down.bias)
+                nn.init.zeros_(block.pta.up.bias)
+            else:
+                zero.append(block.pta.up)
         zero.append(self.frame_aggregation.attn.out_proj)
         if self.spg is not None and self.spg.projector is not None:
             zero.append(self.spg.projector[2])
-        if self.prompt_generator is not None:
+        if isinstance(self.prompt_generator, XCLIPPrompt):   # X-CLIP's prompt.py _init_weights
+            for module in self.prompt_generator.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
+                elif isinstance(module, Attention):           # its q, k, v are Linears too
+                    nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
+        elif self.prompt_generator is not None:
             for block in self.prompt_generator.blocks:
                 zero += [block.attn.out_proj, block.mlp.c_proj]
         for layer in zero:
@@ -410,11 +507,22 @@ class OmniCLIP(nn.Module):
         x = visual.embed(videos.flatten(0, 1))                          # (B·T, 1+K, D): X^0 + PE
         te = self.temporal_embedding.to(x.dtype)
         x = (x.unflatten(0, (B, T)) + te[None, :, None]).flatten(0, 1)  # Eq. (1): + TE, (B·T, 1+K, D)
+        # Sec. 3.1: "commencing with self-resolution prompts R^0 = SPG(V^0). The initial video input
+        # is subsequently augmented by concatenating it with these prompts, resulting in
+        # V^0 = Concat(V^0, R^0)": the prompts are made once and flow through every layer (default).
         if self.spg is not None:
             prompts = self.spg(x[:, 1:])                                # Eq. (6): (B·T, K/4, D)
             x = torch.cat([x, prompts], dim=1)                          # (B·T, N, D), N = 1+K+K/4
         x = visual.ln_pre(x)
         for i, vit in enumerate(visual.transformer.resblocks):
+            if i > 0 and self.config.spg_per_layer:
+                # The other reading (spg_per_layer): Sec. 3.2 writes Eq. (6) for any layer, "video
+                # input V^i ... R^i = Projector(Avg(V^i))", and Sec. 3.3 "the input of PTA contains
+                # self-prompts R^i ... progressively integrate spatial-temporal information". So at
+                # the input of layer i the prompts are pooled anew from V^i's patches and replace
+                # R^{i-1}; N stays 1+K+K/4. We default to once: Sec. 3.1 is the only place that
+                # says when SPG runs, and its Concat happens once, before Eqs. (2)-(4).
+                x = torch.cat([x[:, :1 + K], self.spg(x[:, 1:1 + K])], dim=1)  # (B·T, N, D)
             block = self.blocks[str(i)] if str(i) in self.blocks else None
             args = (x, vit, T) if block is not None else (x,)
             layer = block if block is not None else vit
@@ -422,12 +530,12 @@ class OmniCLIP(nn.Module):
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
+        frames = (visual.ln_post(x[:, 0]) @ visual.proj).unflatten(0, (B, T))  # F_{V,t}: (B, T, E)
+        if self.prompt_generator is None:
+            return frames, None
         # the patch tokens are only needed as the prompt generator's keys and values
-        keep = 1 + K if self.prompt_generator is not None else 1
-        x = visual.ln_post(x[:, :keep]) @ visual.proj                   # (B·T, 1+K, E)
-        x = x.unflatten(0, (B, T))                                      # (B, T, 1+K, E)
-        patches = x[:, :, 1:].mean(dim=1) if keep > 1 else None         # (B, K, E)
-        return x[:, :, 0], patches                                      # (B, T, E), (B, K, E)
+        patches = self.prompt_generator.project_patches(x[:, 1:1 + K], visual)  # (B·T, K, E)
+        return frames, patches.unflatten(0, (B, T)).mean(dim=1)         # (B, T, E), (B, K, E)
 
     def encode_video(self, videos):
         """Video features F_V (B, E) (Eq. 5) and time-averaged patch tokens (B, K, E)."""
@@ -484,7 +592,7 @@ def count_parameters(model):
     return dict(total=total, trainable=trainable, frozen=total - trainable)
 
 
-def count_macs(model, videos, class_features):
+def count_macs(model, *inputs):
     """Multiply-adds of one forward, counted by torch.utils.flop_counter on the real ops.
     The CPU's fused attention kernel has no formula in torch's table, so we give it the standard one."""
     from torch.utils import flop_counter
@@ -494,7 +602,7 @@ def count_macs(model, videos, class_features):
         extra[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: (
             flop_counter.sdpa_flop_count(q, k, v))
     with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as fc:
-        model(videos, class_features)
+        model(*inputs)
     return fc.get_total_flops() // 2
 
 
@@ -504,23 +612,41 @@ def _block_macs(tokens, width):
     return 12 * tokens * width ** 2 + 2 * tokens ** 2 * width
 
 
-def analytic_macs(config: OmniCLIPConfig, num_classes):
+def analytic_macs(config: OmniCLIPConfig, num_classes, adapter=None):
     """Multiply-adds per view (one clip of T frames), by part, from the shapes alone.
-    The text tower is excluded: class features are computed once and cached."""
+    The text tower is excluded: class features are computed once and cached. The temporal adapter's
+    part is keyed by its class, "adapter:ParallelTemporalAdapter" or "adapter:STAdapter"; pass a
+    block's adapter module (`model.blocks["0"].pta`) and an adapter of any other class (a fork's) is
+    counted by torch's flop counter on one view's (T, N, D) tokens, times the number of blocks."""
     c, C = config, num_classes
     T, D, E, P, K = c.frames, c.vision_width, c.embed_dim, c.vision_patch_size, c.grid ** 2
     g4 = math.ceil(c.grid / 2)
     prompts = g4 * g4 if c.spg else 0
     N0, N = 1 + K, 1 + K + prompts
-    layers = c.vision_layers if c.pta_layers is None else len(c.pta_layers)
-    d = int(D * c.temporal_ratio)
+    layers = (c.vision_layers if c.pta_layers is None else len(c.pta_layers)) if c.pta else 0
+    if adapter is None:
+        adapter_class = STAdapter if c.connection == "cascade" else ParallelTemporalAdapter
+    else:
+        adapter_class = type(adapter)
+    if adapter_class is ParallelTemporalAdapter:
+        d = int(D * c.temporal_ratio)
+        # per frame and token: Down + Up (2 D d), qkv + out (4 d^2); per token position: T^2 d twice
+        per_block = T * N * (2 * D * d + 4 * d * d) + N * 2 * T * T * d
+    elif adapter_class is STAdapter:
+        d, kernel = D // 2, (adapter.conv.kernel_size if adapter is not None else (3, 1, 1))
+        # per frame and patch (not the class or prompt tokens): Down + Up (2 D d), depthwise conv
+        per_block = T * K * (2 * D * d + d * math.prod(kernel))
+    else:
+        per_block = count_macs(adapter, torch.zeros(T, N, D), T) if layers else 0
     parts = {
         "patch_embedding": T * K * 3 * P * P * D,
         "clip_blocks": T * c.vision_layers * _block_macs(N0, D),
         "extra_prompt_tokens": T * c.vision_layers * (_block_macs(N, D) - _block_macs(N0, D)),
-        # per frame and token: Down + Up (2 D d), qkv + out (4 d^2); per token position: T^2 d twice
-        "pta": (T * N * (2 * D * d + 4 * d * d) + N * 2 * T * T * d) * layers if c.pta else 0,
-        "spg": T * prompts * 2 * D * (D // 4) if (c.spg and c.spg_projector) else 0,
+        f"adapter:{adapter_class.__name__}": per_block * layers,
+        # pooling is not a multiply-add; the projector runs once, or at each layer's input
+        "spg": (T * prompts * 2 * D * (D // 4) * (c.vision_layers if c.spg_per_layer else 1)
+                if (c.spg and c.spg_projector) else 0),
+        # the class token through ln_post/proj, and the patch tokens when they are the prompts' keys
         "ln_post_proj": T * ((1 + K) if c.video_prompts else 1) * D * E,
         "eq5_head": T * 4 * E * E + 2 * T * T * E,
         # per block: keys/values of K patches (2 K E^2), per class: q, out, MLP (10 E^2), attention 2 K E
