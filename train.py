@@ -1,14 +1,24 @@
 """Train OmniCLIP (paper Sec. 4, Table 1) in one process or many.
 
-    python train.py --dataset hmdb51 --data-root data/hmdb51 --split 1        # one GPU, or the CPU
-    torchrun --nproc_per_node 8 train.py --dataset k400 --data-root data/k400  # DDP, 8 GPUs
-    python train.py --dataset ucf101 --data-root data/ucf101 --shots 16        # few-shot (Sec. 4.2)
     torchrun --nproc_per_node 2 train.py --demo    # CPU, no dataset, no weights: the whole pipeline
+    python train.py --dataset hmdb51 --data-root data/hmdb51 --shots 16        # few-shot (Sec. 4.2)
+    torchrun --nproc_per_node 8 train.py --dataset k400 --data-root data/k400  # DDP, 8 GPUs
+    python train.py ... --out runs/NAME --resume auto                           # continue a run
 
 Every hyper-parameter is a flag whose default comes from the preset of the paper's setting, so
 `python train.py --help` reads like Table 1; a flag given explicitly wins over the preset.
 As in nanoGPT's train.py, DDP is found from the environment torchrun sets (RANK, WORLD_SIZE,
 LOCAL_RANK) and only rank 0 (`master_process`) prints and writes files.
+
+Bad input (a flag, a dataset file, the CLIP weights) is refused before any folder is created, with
+one line `error: ...` and exit status 2; a bug keeps its traceback. Every rank runs the same checks
+and only rank 0 prints the line. Under torchrun any child that exits non-zero makes torchrun print
+its own ChildFailedError report (a traceback of torchrun and one entry per rank) after our line;
+no exit code or error file of the child stops that, so the line to read is the one just above it.
+
+A run folder (`--out`, default runs/<dataset>-<setting>-split<s>-<date>-<time>) is never
+overwritten: a new run into a folder that holds one is refused (or, with --fresh, its files are
+moved aside), a lock file keeps a second process out, and every file is written atomically.
 
 Reproducibility, which makes `--resume` exact: the order of an epoch is a function of
 (seed, epoch), the augmentation of a clip of (seed, epoch, index), the mixup/cutmix draw of a
@@ -23,7 +33,9 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -34,17 +46,25 @@ from tqdm import tqdm
 
 import clip_weights
 import data
+import eval as evaluation
 import omniclip
-from eval import clip_sha256, evaluate, text_features
+
+BAD_INPUT = (data.InputError, clip_weights.WeightsError)  # one line, exit 2; anything else is a bug
 
 # Paper Table 1 (supervised) and Sec. 4 "Implementation Details" (few-shot, zero-shot). Where the
-# paper is silent, X-CLIP's published configuration (SPEC.md, Presets): few-shot trains 50 epochs
-# at the supervised lr and weight decay, zero-shot warms up 5 epochs like the rest.
+# paper is silent, X-CLIP's published configuration: few-shot trains 50 epochs at the supervised
+# lr and weight decay, zero-shot warms up 5 epochs like the rest.
 PRESETS = {
     "k400":      dict(frames=8,  batch_size=256, lr=2e-3,   min_lr=2e-5,   epochs=50,
                       weight_decay=0.003, test_views="4x3"),
+    # SSv2's classes say left and right: no flip (as every CLIP video work trains it). Sec. 4.1:
+    # "We train the video encoder with a fixed classifier following previous works [32]". [32] is
+    # ILA (Tu et al., ICCV 2023); its released SSv2 code drops the text tower for a trained linear
+    # head. We read "fixed" as class features that do not change in training: the frozen text
+    # tower's, with the video-specific prompts off (--video-prompts turns them back on). A trained
+    # linear head, ILA's reading, is a new module: a fork, not a flag.
     "ssv2":      dict(frames=8,  batch_size=256, lr=3.5e-3, min_lr=3.5e-5, epochs=50,
-                      weight_decay=0.01,  test_views="4x3"),
+                      weight_decay=0.01,  test_views="4x3", flip=0.0, video_prompts=False),
     "hmdb51":    dict(frames=8,  batch_size=32,  lr=2e-3,   min_lr=2e-5,   epochs=30,
                       weight_decay=0.003, test_views="4x3"),
     "few-shot":  dict(frames=32, batch_size=8,   lr=2e-3,   min_lr=2e-5,   epochs=50,
@@ -53,30 +73,35 @@ PRESETS = {
                       weight_decay=0.003, test_views="1x1"),
 }
 PRESETS["ucf101"] = PRESETS["list"] = PRESETS["hmdb51"]  # a fork's own data: the small-dataset row
-# Table 1, the same for every preset. The paper's template: "A video of [CLS] action" (Sec. 3).
+# Table 1, the same for every preset, and the paper's template "A video of [CLS] action" (Sec. 3).
 COMMON = dict(warmup_epochs=5, label_smoothing=0.1, mixup=0.8, cutmix=1.0, cutmix_prob=0.5,
-              model="ViT-B/16", split=1, seed=0, template="a video of {} action.", save_every=1000,
-              log_every=10)
+              flip=0.5, video_prompts=True, model="ViT-B/16", split=1, seed=0,
+              template=evaluation.DEFAULT_TEMPLATE, save_every=1000, log_every=10)
 # --demo: a generated HMDB51-layout folder and a random tiny CLIP, sized for 2 CPU cores: the
 # HMDB51 row (lr, min lr, warmup, augmentation) with batch 8, T=4, more epochs of a tiny dataset.
 # Its classes come in pairs a frame average cannot tell apart (chance 1/6, frame average at most
-# 1/2). move_left/move_right are mirror images, so Table 1's flip (p 0.5) mixes their labels up:
-# accuracy tops out near 5/6. Measured: 69-72% over seeds 0-2, about 2.5 minutes.
+# 1/2). move_left/move_right are mirror images of each other, so the flip is off, as for SSv2.
 DEMO = dict(dataset="hmdb51", model="tiny", frames=4, batch_size=8, epochs=150, test_views="1x1",
-            save_every=100, log_every=100, workers=0)
-# Chance is 1/6. Table 1's horizontal flip maps move_left onto move_right, which caps the demo near
-# 5/6; we keep the paper's flip (the flip-free pairs grow/shrink, up/down, slow/fast reached 64%
-# against these classes' 72%), and note it here for datasets of direction classes such as SSv2.
+            save_every=100, log_every=100, workers=0, flip=0.0)
 DEMO_DATA = dict(num_classes=6, videos_per_class=20, frames=16, size=(128, 96))
+DEMO_ROOT = os.path.join("runs", "synthetic-hmdb51")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line naming the flag (argparse would print the whole usage first), on rank 0 only:
+        every torchrun rank parses the same flags and stops with the same status."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train OmniCLIP with the paper's Table 1 / Sec. 4 "
-                                "settings as defaults (presets per dataset and setting).")
+    p = Parser(description="Train OmniCLIP with the paper's Table 1 / Sec. 4 settings as "
+               "defaults (presets per dataset and setting).")
     a = p.add_argument
     # defaults of None are filled from the preset (PRESETS above), so an explicit flag wins
-    a("--dataset", choices=["hmdb51", "ucf101", "k400", "ssv2", "list"],
-      help="dataset layout (SPEC.md, Data); also picks the preset")
+    a("--dataset", choices=data.DATASETS, help="dataset layout (README, Datasets); picks the preset")
     a("--data-root", help="the dataset's folder, laid out as its distribution ships it")
     a("--split", type=int, help="official split 1-3 of HMDB51/UCF101 (default 1)")
     a("--shots", type=int, help="K videos per class: the few-shot setting (Sec. 4.2, after X-CLIP): "
@@ -108,23 +133,37 @@ def parse_args(argv=None):
     a("--cutmix", type=float, help="CutMix's Beta(a, a). Table 1: 1.0; 0 = off")
     a("--cutmix-prob", type=float, help="per batch, CutMix with this probability, else Mixup "
                                         "(paper is silent; X-CLIP's timm Mixup: 0.5)")
+    a("--flip", type=float, help="horizontal flip probability (paper is silent; X-CLIP: 0.5). "
+                                 "0 for SSv2, whose classes say left and right, and for the demo")
     a("--test-views", help="temporal x spatial views at test. Sec. 4.1: 4x3 (supervised); "
                            "1x1 few-shot and zero-shot (X-CLIP)")
     a("--template", help="class text; the paper's 'A video of [CLS] action' (Sec. 3)")
-    # the model's ablation switches (omniclip.OmniCLIPConfig)
+    # the model's options (omniclip.OmniCLIPConfig)
     a("--no-pta", action="store_true", help="Table 7: without the Parallel Temporal Adapter")
     a("--pta-layers", type=int, nargs="+", help="Table 10: 0-indexed layers with a PTA (default all)")
     a("--temporal-ratio", type=float, default=0.25, help="Table 8: PTA bottleneck ratio, 1/4 best")
-    a("--connection", default="block-parallel", choices=omniclip.CONNECTIONS, help="Table 11")
+    a("--connection", default="block-parallel", choices=omniclip.CONNECTIONS,
+      help="Table 11: block-parallel (ours, Fig. 5(c)), attention-parallel (Fig. 5(b)), cascade "
+           "(Fig. 5(a): ST-Adapter's serial 3D-convolution adapter)")
     a("--no-spg", action="store_true", help="Table 7: without the Self-Prompt Generator")
     a("--spg-pooling", default="avg", choices=["avg", "max"], help="Table 9")
     a("--no-spg-projector", action="store_true", help="Table 9: pooled prompts, no projector")
-    a("--no-video-prompts", action="store_true", help="without X-CLIP's video-specific text prompts")
+    a("--spg-per-layer", action="store_true", help="Eq. 6 at every layer's input (Sec. 3.2-3.3: "
+      "R^i = Projector(Avg(V^i))) instead of once from V^0 (Sec. 3.1: R^0 = SPG(V^0))")
+    a("--video-prompts", action=argparse.BooleanOptionalAction,
+      help="X-CLIP's video-specific text prompts (Sec. 3.1, 'following [26]'); default on, off for "
+           "SSv2's fixed classifier (Sec. 4.1)")
+    a("--prompt-generator", default=omniclip.OmniCLIPConfig.prompt_generator,
+      choices=omniclip.PROMPT_GENERATORS, help="ours (starts as CLIP's classifier) or xclip "
+                                               "(X-CLIP's released code)")
     a("--gradient-checkpointing", action="store_true", help="recompute the blocks in backward: "
                                                             "less memory, more time")
     # the run
-    a("--out", help="folder for checkpoint.pt, log.jsonl, report.json (default runs/<preset>)")
-    a("--resume", help="a checkpoint to continue, or 'auto' = --out's checkpoint.pt if there is one")
+    a("--out", help="run folder for checkpoint.pt, log.jsonl, config.json, report.json "
+                    "(default runs/<dataset>-<setting>-split<s>-<date>-<time>)")
+    a("--resume", help="a checkpoint to continue, or 'auto': --out's checkpoint.pt if there is one")
+    a("--fresh", action="store_true", help="start a new run in an --out that holds one: its files "
+                                           "are moved to --out/previous-<time>/, nothing deleted")
     a("--save-every", type=int, help="checkpoint every N optimizer steps (and at each epoch end)")
     a("--log-every", type=int, help="one JSON log line every N optimizer steps (10)")
     a("--seed", type=int, help="process r uses seed + r")
@@ -136,28 +175,87 @@ def parse_args(argv=None):
     a("--no-eval", action="store_true", help="skip the evaluation after training")
     a("--demo", action="store_true", help="generate a synthetic HMDB51-layout dataset and train "
                                           "a tiny random CLIP on it (CPU; under torchrun with 2 "
-                                          "processes about 2.5 minutes on 2 cores)")
-    # for the tests
-    a("--kill-at-step", type=int, help="testing: SIGKILL this process after N optimizer steps")
-    a("--save-rank-states", action="store_true", help="testing: every rank writes its trainable "
-                                                      "tensors to --out/rank<r>.pt at the end")
+                                          "processes a few minutes on 2 cores)")
+    # for the tests only: not in --help
+    a("--kill-at-step", type=int, help=argparse.SUPPRESS)   # SIGKILL after N optimizer steps
+    a("--save-rank-states", action="store_true", help=argparse.SUPPRESS)  # --out/rank<r>.pt
     args = p.parse_args(argv)
-    args.setting = "zero-shot" if args.zero_shot else "few-shot" if args.shots else "supervised"
     if args.demo:
         args.dataset = args.dataset or DEMO["dataset"]
     if args.dataset is None:
         p.error("--dataset is required (or --demo)")
     if args.zero_shot and args.dataset != "k400":
-        p.error("the zero-shot setting trains on k400 (Sec. 4.3)")
+        p.error("--zero-shot trains on k400 (Sec. 4.3)")
+    if args.shots is not None and args.shots < 1:
+        p.error(f"--shots {args.shots}: videos per class, 1 or more (leave it out for the "
+                "supervised setting)")
+    args.setting = "zero-shot" if args.zero_shot else "few-shot" if args.shots else "supervised"
     preset = dict(COMMON, **PRESETS[args.setting if args.setting != "supervised" else args.dataset])
+    if args.dataset == "ssv2":  # SSv2's flip and classifier hold in every setting
+        preset.update(flip=0.0, video_prompts=False)
     if args.demo:
         preset.update(DEMO)
+        args.data_root = args.data_root or DEMO_ROOT
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.out = args.out or os.path.join("runs", "demo" if args.demo else
-                                        f"{args.dataset}-{args.setting}-split{args.split}")
+    check_args(p, args)
     return args
+
+
+def check_args(p, args):
+    """Every flag, before any work: one line naming the flag and what it accepts."""
+    for flag in ("frames", "batch_size", "per_gpu_batch", "save_every", "log_every",
+                 "eval_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} {value}: must be 1 or more")
+    for flag in ("epochs", "workers", "warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            p.error(f"--{flag.replace('_', '-')} {value}: must be 0 or more")
+    for flag in ("flip", "cutmix_prob", "label_smoothing"):
+        if not 0 <= getattr(args, flag) <= 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a probability, 0 to 1")
+    if not args.lr > 0 or args.min_lr > args.lr:
+        p.error(f"--lr {args.lr} --min-lr {args.min_lr}: need 0 < lr and min-lr <= lr")
+    if not 0 < args.temporal_ratio <= 1:
+        p.error(f"--temporal-ratio {args.temporal_ratio}: between 0 and 1 (Table 8: 1/4)")
+    splits = (1, 2, 3) if args.dataset in ("hmdb51", "ucf101") else (1,)
+    if args.split not in splits:
+        p.error(f"--split {args.split}: {args.dataset} has split(s) {', '.join(map(str, splits))}")
+    try:
+        parse_views(args.test_views)
+    except ValueError as error:
+        p.error(str(error))
+    if args.template.count("{}") != 1:
+        p.error(f"--template {args.template!r}: needs one {{}} where the class name goes")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.per_gpu_batch = args.per_gpu_batch or max(1, args.batch_size // world_size)
+    if args.batch_size % (args.per_gpu_batch * world_size):
+        p.error(f"--batch-size {args.batch_size} (global) is not a multiple of --per-gpu-batch "
+                f"{args.per_gpu_batch} x {world_size} process(es)")
+    if args.workers is None:
+        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if args.data_root is None:
+        p.error("--data-root is required (or --demo): the dataset's folder, laid out as the "
+                "README's dataset table shows")
+    if args.clip_weights is not None and not os.path.isfile(args.clip_weights):
+        p.error(f"--clip-weights {args.clip_weights}: no such file")
+    if args.clip_weights is None and args.model not in ("tiny", *clip_weights.MODELS):
+        p.error(f"--model {args.model}: one of tiny, {', '.join(clip_weights.MODELS)}")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        p.error(f"--resume {args.resume}: no such checkpoint (or 'auto')")
+
+
+def parse_views(text):
+    """'4x3' -> (4, 3): temporal views (1 or more) x spatial crops (1 or 3)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts) or int(parts[0]) < 1 \
+            or int(parts[1]) not in (1, 3):
+        raise ValueError(f"--test-views {text!r}: TxS, T temporal views (1 or more) x S spatial "
+                         "crops (1 or 3), e.g. 4x3 or 1x1")
+    return int(parts[0]), int(parts[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +325,9 @@ def epoch_batches(num_samples, seed, epoch, global_batch, micro_batch, rank, wor
     return [micro[s * per_step + rank:(s + 1) * per_step:world_size] for s in range(steps)]
 
 
+# ------------------------------------------------------------------------------------------------
+# One optimizer step: Table 1's mixing, schedule and optimizer.
+
 def mix_batch(videos, labels, num_classes, args, rng):
     """Table 1's label smoothing 0.1, Mixup 0.8, CutMix 1.0, as X-CLIP applies them (timm's Mixup,
     batch mode): targets smoothed first, then per batch CutMix with probability cutmix_prob else
@@ -263,7 +364,8 @@ def learning_rate(step, total_steps, warmup_steps, lr, min_lr):
 
 def make_optimizer(model, args):
     """AdamW on the trainable tensors only (CLIP is frozen), one lr for all. Table 1's weight decay
-    except on 1-D tensors (biases, norms, gamma), the alphas and the temporal embedding."""
+    except on 1-D tensors (biases, norms, gamma), the alphas and the temporal embedding. Table 1
+    lists no gradient clipping, and neither do we."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -284,52 +386,275 @@ def train_micro_step(model, batch, class_features, num_classes, args, rng, accum
     with autocast:
         logits = model(videos, class_features)                       # (B, C), Eq. (8)
     loss = omniclip.video_loss(logits, targets)                      # Eq. (9), soft targets
-    (loss * weight / accumulation).backward()
+    (loss * weight / accumulation).backward()  # the mean over the global batch, not a sum
     correct = (logits.argmax(-1) == targets.argmax(-1)).sum() * weight
     return loss.detach() * weight, correct.detach(), int(len(labels) * weight)
 
 
-def save_checkpoint(path, state):
-    """Atomically: a run killed mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+# ------------------------------------------------------------------------------------------------
+# The run folder: what a run writes, and the checks that keep one run from destroying another.
 
-
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "report.json", "few_shot_list.txt",
+             "curves.png", "report.confusion.png")
+LOCK = "run.lock"
 # these arguments define a run: resuming with another value would not continue the same run
-RUN_ARGS = ("dataset", "split", "shots", "zero_shot", "frames", "model", "batch_size", "lr",
-            "min_lr", "epochs", "warmup_epochs", "weight_decay", "label_smoothing", "mixup",
-            "cutmix", "cutmix_prob", "template", "seed", "no_pta", "pta_layers", "temporal_ratio",
-            "connection", "no_spg", "spg_pooling", "no_spg_projector", "no_video_prompts", "demo")
+RUN_ARGS = ("dataset", "data_root", "split", "shots", "zero_shot", "frames", "model", "batch_size",
+            "lr", "min_lr", "epochs", "warmup_epochs", "weight_decay", "label_smoothing", "mixup",
+            "cutmix", "cutmix_prob", "flip", "template", "seed", "no_pta", "pta_layers",
+            "temporal_ratio", "connection", "no_spg", "spg_pooling", "no_spg_projector",
+            "spg_per_layer", "video_prompts", "prompt_generator", "demo")
 
 
-def build_model(args, master_process, ddp):
-    """OmniCLIP on OpenAI's frozen CLIP (or a random tiny one) -> (model, clip_weights info)."""
+RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step", "rng")
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file of this process beside `path`, then rename it over
+    `path`: a reader (or a run killed mid-write) sees the old file or the new one, never half."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def read_resumable(path):
+    """A checkpoint train.py can continue from; any other file is one line naming it."""
+    return evaluation.read_checkpoint(path, needs=RESUME_KEYS)
+
+
+def take_lock(folder):
+    """Create folder/run.lock (pid, host) or refuse: one process writes into a run folder. The lock
+    of a process that is gone (or of another host, which we cannot check) is taken over, saying so."""
+    path = os.path.join(folder, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = dict(pid=None, host="?")
+            if process_alive(owner):
+                raise data.InputError(f"--out {folder} is in use by pid {owner['pid']} on "
+                                      f"{owner['host']} ({path}): wait for it, or choose another "
+                                      "--out") from None
+            print(f"taking over the stale lock {path} of pid {owner.get('pid')} on "
+                  f"{owner.get('host')}, which is no longer running")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+        return path
+
+
+def process_alive(owner):
+    if owner.get("host") != socket.gethostname() or owner.get("pid") in (None, os.getpid()):
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """Where a run writes, resolved and checked once on rank 0 (then sent to every rank)."""
+    out: str
+    resume_from: str = None     # the checkpoint this run continues, checked against it
+    lock: str = None            # rank 0's lock file, removed when the run ends
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def release(self):
+        if self.lock and os.path.exists(self.lock):
+            os.remove(self.lock)
+
+
+def default_out(args):
+    setting = {"supervised": "supervised", "zero-shot": "zeroshot"}.get(args.setting,
+                                                                       f"{args.shots}shot")
+    name = "demo" if args.demo else f"{args.dataset}-{setting}-split{args.split}"
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_run(args, inputs):
+    """The run folder, on rank 0: a new run gets a new (or empty) folder; --resume continues a
+    checkpoint of the same run (same flags, data root, classes, few-shot list, adapter, CLIP);
+    a folder in use by another process is refused. Nothing is ever deleted."""
+    out = args.out or (os.path.dirname(args.resume) if args.resume not in (None, "auto")
+                       else default_out(args))
+    own_checkpoint = os.path.join(out, "checkpoint.pt")
+    resume = args.resume
+    if resume == "auto":
+        resume = own_checkpoint if os.path.isfile(own_checkpoint) else None
+    if resume:
+        differences = resume_differences(read_resumable(resume), args, inputs)
+        if differences:
+            raise data.InputError(f"--resume {resume} is another run: it differs in "
+                                  f"{'; '.join(differences)}")
+    os.makedirs(out, exist_ok=True)
+    run = RunFolder(out, resume, take_lock(out))
+    old = [name for name in RUN_FILES if os.path.exists(run.path(name))]
+    in_place = resume and os.path.realpath(resume) == os.path.realpath(own_checkpoint)
+    if old and not in_place:
+        if not (args.fresh or args.resume == "auto"):  # auto with nothing to resume: start anew
+            run.release()
+            raise data.InputError(f"--out {out} holds a run ({', '.join(old)}): continue it with "
+                                  "--resume auto, choose another --out, or add --fresh to move "
+                                  "its files aside")
+        aside = run.path(f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(aside)
+        for name in old:
+            os.replace(run.path(name), os.path.join(aside, name))
+        print(f"{out} held a run: moved its {', '.join(old)} to {aside}")
+    return run
+
+
+def resume_differences(checkpoint, args, inputs):
+    """What makes `checkpoint` another run than this one, one short phrase per difference."""
+    saved = dict(checkpoint["args"])
+    saved["data_root"] = os.path.realpath(saved.get("data_root") or "")
+    now = dict(vars(args), data_root=os.path.realpath(args.data_root))
+    differences = [f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now[k]!r} now)"
+                   for k in RUN_ARGS if saved.get(k) != now[k]]
+    for key, what in (("class_names", "class list"), ("few_shot_list", "few-shot list")):
+        there, here = checkpoint.get(key), getattr(inputs, key)
+        if there != here:
+            there, here = there or [], here or []
+            i = next((i for i, (x, y) in enumerate(zip(there, here)) if x != y),
+                     min(len(there), len(here)))
+            differences.append(f"{what} ({len(there)} there, {len(here)} now; first difference "
+                               f"at #{i}: {there[i] if i < len(there) else None} there, "
+                               f"{here[i] if i < len(here) else None} now)")
+    if checkpoint.get("adapter") != inputs.adapter:
+        differences.append(f"adapter ({checkpoint.get('adapter')} there, {inputs.adapter} now)")
+    there, here = checkpoint.get("clip_weights", {}), inputs.clip_weights
+    if there.get("sha256") != here["sha256"]:
+        differences.append(f"CLIP weights ({there.get('name')} sha256 {there.get('sha256')} "
+                           f"there, {here['name']} sha256 {here['sha256']} now)")
+    return differences
+
+
+def on_rank0(fn, ddp, rank):
+    """fn() on rank 0, its result sent to every rank. Bad input found by rank 0 is raised on every
+    rank, so none waits for a rank that has stopped."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome[0] = fn()
+        except BAD_INPUT as error:
+            outcome[1] = error
+    if ddp:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: the dataset's lists and the model, checked before the run folder exists.
+
+def demo_dataset(root):
+    """The demo's synthetic dataset: reused if `root` holds it, else generated there (printed)."""
+    marker = os.path.join(root, "synthetic.json")
+    recipe = json.loads(json.dumps(dict(DEMO_DATA, seed=0)))  # as read back from JSON
+    if os.path.exists(root):
+        with contextlib.suppress(OSError, ValueError):
+            with open(marker) as f:
+                if json.load(f) == recipe:
+                    print(f"demo dataset: {root} (reused)")
+                    return root
+        raise data.InputError(f"{root} exists but is not the demo's dataset ({marker} missing or "
+                              "different): move it away, or give --data-root")
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
+    data.make_synthetic_dataset(tmp, **recipe)
+    evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
+    os.replace(tmp, root)   # complete or absent, never half written
+    print(f"demo dataset: generated {root} ({DEMO_DATA['num_classes']} classes x "
+          f"{DEMO_DATA['videos_per_class']} videos in HMDB51's layout)")
+    return root
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run is trained on, checked before its folder exists (and on resume, against it)."""
+    train_samples: list
+    test_samples: list
+    class_names: list
+    few_shot_list: list = None       # [[path, label], ...] of --shots K, else None
+    clip_weights: dict = None        # name, sha256 (and seed for tiny): see build_model
+    adapter: str = None              # the temporal adapter's class name
+
+
+def load_data(args):
+    """The chosen split's lists and classes; the few-shot draw; no video in both lists."""
+    train_samples, class_names = data.load_dataset(args.dataset, args.data_root, args.split, "train")
+    test_samples, test_names = data.load_dataset(args.dataset, args.data_root, args.split, "test")
+    data.check_class_names(class_names, f"{args.dataset} at {args.data_root}")
+    if test_names != class_names:
+        raise data.InputError(f"{args.dataset} at {args.data_root}: the training and test lists "
+                              "name different classes")
+    few_shot_list = None
+    if args.shots:  # K per class from --split's training list, seeded (raises if a class has < K)
+        train_samples = data.few_shot(train_samples, args.shots, args.seed, class_names)
+        few_shot_list = [[path, label] for path, label in train_samples]
+    shared = data.overlapping_videos(train_samples, test_samples)
+    if shared:  # a stricter protocol than earlier few-shot split files (README, departures)
+        raise data.InputError(f"the training and test lists share {len(shared)} video(s): "
+                              f"{', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}")
+    return Inputs(train_samples, test_samples, class_names, few_shot_list)
+
+
+def build_model(args, weights_path):
+    """OmniCLIP on OpenAI's frozen CLIP (or a random tiny one) -> (model, clip_weights record).
+    A checkpoint names its weights, never locates them: an OpenAI model name, 'tiny' with its seed,
+    or 'local' (a file whose SHA256 is in no table: eval.py then needs the user's --clip-weights)."""
     options = dict(frames=args.frames, pta=not args.no_pta, pta_layers=args.pta_layers,
                    temporal_ratio=args.temporal_ratio, connection=args.connection,
                    spg=not args.no_spg, spg_pooling=args.spg_pooling,
-                   spg_projector=not args.no_spg_projector, video_prompts=not args.no_video_prompts,
+                   spg_projector=not args.no_spg_projector, spg_per_layer=args.spg_per_layer,
+                   video_prompts=args.video_prompts, prompt_generator=args.prompt_generator,
                    gradient_checkpointing=args.gradient_checkpointing)
     torch.manual_seed(args.seed)  # the same adapters (and random CLIP) on every rank and on resume
-    if args.model == "tiny" and args.clip_weights is None:
+    if weights_path is None:
         config = omniclip.OmniCLIPConfig(**omniclip.ARCHITECTURES["tiny"], **options)
         model = omniclip.OmniCLIP(config)
-        return model, dict(name="tiny", sha256=clip_sha256(model.clip), seed=args.seed)
-    name = args.clip_weights or args.model
-    if master_process:  # download once, then every rank reads the cache
-        path = clip_weights.resolve_weights(name)
-    if ddp:
-        dist.barrier()
-    path = clip_weights.resolve_weights(name)
-    model = clip_weights.build_omniclip(clip_weights.load_state_dict(path), **options)
-    return model, dict(name=name, sha256=clip_weights.sha256_of(path))
+        return model, dict(name="tiny", sha256=evaluation.clip_sha256(model.clip), seed=args.seed)
+    model = clip_weights.build_omniclip(clip_weights.load_state_dict(weights_path), **options)
+    sha256 = clip_weights.sha256_of(weights_path)
+    name = clip_weights.model_name_for_sha256(sha256) or "local"
+    return model, dict(name=name, sha256=sha256)
 
+
+def resolve_weights(args):
+    """The CLIP file to load (downloaded once, SHA256-checked), or None for the random tiny one."""
+    if args.clip_weights:
+        return args.clip_weights
+    return None if args.model == "tiny" else clip_weights.resolve_weights(args.model)
+
+
+# ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked on every rank: one line and exit 2 if wrong
     # DDP if torchrun started us (nanoGPT's test); NCCL on GPUs, gloo on CPUs
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
@@ -342,91 +667,40 @@ def main(argv=None):
             torch.cuda.set_device(device)
     else:
         rank, local_rank, world_size, device = 0, 0, 1, "cuda" if cuda else "cpu"
+    run = None
     try:
-        return train(args, ddp, rank, local_rank, world_size, device)
+        if args.demo:  # one thread per process: the same float sums whatever the core count
+            torch.set_num_threads(1)
+            on_rank0(lambda: demo_dataset(args.data_root), ddp, rank)
+        # the dataset's lists and the CLIP weights, before the run folder exists
+        inputs = load_data(args)
+        weights = on_rank0(lambda: resolve_weights(args), ddp, rank)  # rank 0 downloads once
+        model, inputs.clip_weights = build_model(args, resolve_weights(args) if rank else weights)
+        inputs.adapter = model.adapter_name()
+        run = on_rank0(lambda: prepare_run(args, inputs), ddp, rank)
+        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device)
     finally:
+        if run is not None and rank == 0:
+            run.release()
         if ddp:
             dist.destroy_process_group()
 
 
-def train(args, ddp, rank, local_rank, world_size, device):
+def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     master_process = rank == 0  # the one process that prints and writes files
     start_time = time.time()
     cuda = device.startswith("cuda")
     # bf16 autocast on GPUs (frozen CLIP's LayerNorms and the loss run in fp32); fp32 on the CPU
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    per_gpu = args.per_gpu_batch or args.batch_size // world_size
-    if per_gpu < 1 or args.batch_size % (per_gpu * world_size):
-        raise ValueError(f"--batch-size {args.batch_size} (global) is not a multiple of "
-                         f"--per-gpu-batch {per_gpu} x {world_size} processes")
-    accumulation = args.batch_size // (per_gpu * world_size)
-    if args.workers is None:
-        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    log_path = os.path.join(args.out, "log.jsonl")
-
-    def log(record):
-        if master_process:
-            line = json.dumps(record)
-            tqdm.write(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
-
-    # resume: the same run, continued (args, CLIP weights and few-shot list are checked or reused)
-    resume = checkpoint_path if args.resume == "auto" else args.resume
-    checkpoint = None
-    if resume and os.path.exists(resume):
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
-        changed = [f"{k} ({checkpoint['args'].get(k)!r} there, {getattr(args, k)!r} now)"
-                   for k in RUN_ARGS if checkpoint["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise ValueError(f"--resume {resume} is another run: it differs in {', '.join(changed)}")
-    elif args.resume not in (None, "auto"):
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
-    elif master_process and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run in an old folder starts a fresh log
-
-    # data: the demo generates its dataset; few-shot draws K per class from --split's training list
-    if args.demo and args.data_root is None:
-        args.data_root = os.path.join(args.out, "synthetic-hmdb51")
-        if master_process and not os.path.isdir(args.data_root):
-            data.make_synthetic_dataset(args.data_root, **DEMO_DATA, seed=0)
-        if ddp:
-            dist.barrier()
-    if args.data_root is None:
-        raise ValueError("--data-root is required (or --demo)")
-    train_samples, class_names = data.load_dataset(args.dataset, args.data_root, args.split, "train")
-    test_samples, test_names = data.load_dataset(args.dataset, args.data_root, args.split, "test")
-    if test_names != class_names:
-        raise ValueError(f"{args.dataset}: training and test lists name different classes")
-    few_shot_list = None
-    if args.shots:
-        if checkpoint is not None and checkpoint["few_shot_list"] is not None:
-            train_samples = [(path, label) for path, label in checkpoint["few_shot_list"]]
-        else:
-            train_samples = data.few_shot(train_samples, args.shots, args.seed, class_names)
-        few_shot_list = [[path, label] for path, label in train_samples]
-        if master_process:  # next to the checkpoint, so the run can be repeated exactly
-            data.write_sample_list(os.path.join(args.out, "few_shot_list.txt"), train_samples)
-    test_paths = {os.path.normpath(path) for path, _ in test_samples}
-    shared = sorted({os.path.normpath(p) for p, _ in train_samples} & test_paths)
-    if shared:  # SPEC.md: a stricter protocol than earlier few-shot split files
-        raise ValueError(f"the training and test lists share {len(shared)} video(s): "
-                         f"{', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''}")
-
-    model, clip_info = build_model(args, master_process, ddp)
-    if checkpoint is not None:
-        old = {k: checkpoint["clip_weights"].get(k) for k in ("name", "sha256")}
-        if old != {k: clip_info[k] for k in ("name", "sha256")}:
-            raise ValueError(f"--resume {resume} was trained on CLIP weights {old}, "
-                             f"this run loads {clip_info}")
+    class_names, clip_info = inputs.class_names, inputs.clip_weights
+    checkpoint_path, log_path = run.path("checkpoint.pt"), run.path("log.jsonl")
+    checkpoint = read_resumable(run.resume_from) if run.resume_from else None
     model.to(device)
     torch.manual_seed(args.seed + rank)  # seed + rank, as nanoGPT; data and mixup derive their own
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     # the text tower is frozen: class features once, before training, never inside a step
-    class_features = text_features(model, class_names, args.template, device)     # (C, E)
+    class_features = evaluation.text_features(model, class_names, args.template, device)  # (C, E)
     optimizer = make_optimizer(model, args)
     step = 0
     if checkpoint is not None:
@@ -439,35 +713,49 @@ def train(args, ddp, rank, local_rank, world_size, device):
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
 
-    config = raw_model.config
-    size = config.image_resolution
+    config, size = raw_model.config, raw_model.config.image_resolution
+    accumulation = args.batch_size // (args.per_gpu_batch * world_size)
     dataset = EpochSeededDataset(data.VideoDataset(
-        train_samples, args.frames, train=True, size=size,
+        inputs.train_samples, args.frames, train=True, size=size, flip=args.flip,
         skip_errors=args.bad_videos == "skip"), args.seed)
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     if master_process:
+        evaluation.write_json(run.path("config.json"), dict(
+            args=vars(args), model=dataclasses.asdict(config), adapter=inputs.adapter,
+            clip_weights=clip_info, world_size=world_size, accumulation=accumulation,
+            steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps))
+        if inputs.few_shot_list:  # so the run can be repeated exactly
+            data.write_sample_list(run.path("few_shot_list.txt"), inputs.few_shot_list)
         counts = omniclip.count_parameters(raw_model)
         print(f"OmniCLIP {args.setting} on {args.dataset} split {args.split}: {len(class_names)} "
-              f"classes, {len(train_samples)} training / {len(test_samples)} test videos")
-        print(f"CLIP {clip_info['name']} (sha256 {str(clip_info['sha256'])[:12]}), T={args.frames}, "
-              f"{size}px; trainable {counts['trainable'] / 1e6:.2f}M of {counts['total'] / 1e6:.1f}M "
-              f"parameters; {device}{' bf16 autocast' if cuda else ' fp32'}")
-        print(f"global batch {args.batch_size} = {per_gpu} per process x {world_size} process(es) "
-              f"x {accumulation} accumulation step(s); {steps_per_epoch} steps/epoch x "
+              f"classes, {len(inputs.train_samples)} training / {len(inputs.test_samples)} test videos")
+        print(f"CLIP {clip_info['name']} (sha256 {clip_info['sha256'][:12]}), T={args.frames}, "
+              f"{size}px, adapter {inputs.adapter}; trainable {counts['trainable'] / 1e6:.2f}M "
+              f"of {counts['total'] / 1e6:.1f}M parameters; {device}{' bf16' if cuda else ' fp32'}")
+        print(f"global batch {args.batch_size} = {args.per_gpu_batch} per process x {world_size} "
+              f"process(es) x {accumulation} accumulation step(s); {steps_per_epoch} steps/epoch x "
               f"{args.epochs} epochs = {total_steps} steps, warmup {warmup_steps}")
-        if checkpoint is not None:
-            print(f"resuming {resume} at step {step} (epoch {step / steps_per_epoch:.2f})")
+        print(f"run folder {run.out}" + (f", resuming {run.resume_from} at step {step}"
+                                         if checkpoint is not None else ""))
+
+    def log(record):
+        if master_process:
+            line = json.dumps(record)
+            tqdm.write(line)
+            with open(log_path, "a") as f:
+                f.write(line + "\n")
 
     def save():
         save_checkpoint(checkpoint_path, dict(
             model=raw_model.trainable_state_dict(), config=dataclasses.asdict(config),
-            clip_weights=clip_info, class_names=class_names, template=args.template,
-            args=vars(args), optimizer=optimizer.state_dict(),
+            adapter=inputs.adapter, clip_weights=clip_info, class_names=class_names,
+            template=args.template, args=vars(args), optimizer=optimizer.state_dict(),
             scheduler=dict(schedule="linear warmup, cosine", lr=args.lr, min_lr=args.min_lr,
                            warmup_steps=warmup_steps, total_steps=total_steps),
-            step=step, epoch=step // steps_per_epoch, rng=rng_state(), few_shot_list=few_shot_list))
+            step=step, epoch=step // steps_per_epoch, rng=rng_state(),
+            few_shot_list=inputs.few_shot_list))
 
     def reduce(totals):  # (loss x clips, correct, clips, skipped) summed over ranks
         totals = totals.clone()
@@ -480,11 +768,12 @@ def train(args, ddp, rank, local_rank, world_size, device):
     empty = dict(video=torch.zeros(1, args.frames, 3, size, size),
                  label=torch.zeros(1, dtype=torch.long), weight=0.0)
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
-    window_time, skipped_total = time.time(), 0
+    window_time, skipped_total, lr = time.time(), 0, 0.0
+    bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
-        plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, per_gpu, rank,
-                             world_size)[done:]
+        plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, args.per_gpu_batch,
+                             rank, world_size)[done:]
         dataset.epoch = epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[micro for step_plan in plan for micro in step_plan],
@@ -494,7 +783,7 @@ def train(args, ddp, rank, local_rank, world_size, device):
         epoch_totals, epoch_time = torch.zeros_like(window), time.time()
         model.train()
         for _ in tqdm(range(done, steps_per_epoch), initial=done, total=steps_per_epoch,
-                      desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master_process,
+                      desc=f"epoch {epoch + 1}/{args.epochs}", disable=not bars,
                       dynamic_ncols=True, leave=False):
             lr = learning_rate(step, total_steps, warmup_steps, args.lr, args.min_lr)
             for group in optimizer.param_groups:
@@ -540,25 +829,33 @@ def train(args, ddp, rank, local_rank, world_size, device):
                  skipped=stats["skipped"], skipped_total=skipped_total,
                  elapsed_s=round(time.time() - start_time, 1)))
     train_time = time.time() - start_time
+    if master_process and not os.path.exists(checkpoint_path):  # e.g. --epochs 0: step 0 saved
+        save()
     if args.save_rank_states:  # testing: DDP must leave the same trainable tensors on every rank
-        torch.save(raw_model.trainable_state_dict(), os.path.join(args.out, f"rank{rank}.pt"))
+        torch.save(raw_model.trainable_state_dict(), run.path(f"rank{rank}.pt"))
+    if master_process and os.path.exists(log_path):
+        evaluation.plot_curves(log_path, run.path("curves.png"))
 
     report = None
     if not args.no_eval:
-        temporal, spatial = (int(v) for v in args.test_views.split("x"))
-        test_set = data.VideoDataset(test_samples, args.frames, train=False, size=size,
+        temporal, spatial = parse_views(args.test_views)
+        test_set = data.VideoDataset(inputs.test_samples, args.frames, train=False, size=size,
                                      views=(temporal, spatial),
                                      skip_errors=args.bad_videos == "skip")
-        batch_size = args.eval_batch_size or max(1, 2 * per_gpu // (temporal * spatial))
-        report = evaluate(raw_model, test_set, class_features, device, batch_size,
-                          distributed=ddp, num_workers=args.workers, class_names=class_names,
-                          autocast_dtype=torch.bfloat16 if cuda else None)
+        batch_size = args.eval_batch_size or max(1, 2 * args.per_gpu_batch // (temporal * spatial))
+        report = evaluation.evaluate(raw_model, test_set, class_features, device, batch_size,
+                                     distributed=ddp, num_workers=args.workers,
+                                     class_names=class_names,
+                                     autocast_dtype=torch.bfloat16 if cuda else None)
         report.update(dataset=args.dataset, split=args.split, setting=args.setting,
-                      views=args.test_views, chance=100 / len(class_names), checkpoint=checkpoint_path,
-                      clip_weights=clip_info, train_steps=step, train_time_s=round(train_time, 1))
+                      views=args.test_views, chance=100 / len(class_names),
+                      checkpoint=checkpoint_path, clip_weights=clip_info, train_steps=step,
+                      train_time_s=round(train_time, 1))
         if master_process:
-            with open(os.path.join(args.out, "report.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            evaluation.write_json(run.path("report.json"), report)
+            image, _ = evaluation.confusion_image(report["confusion"], class_names,
+                                                  f"{args.dataset} split {args.split} confusion")
+            evaluation.save_image(image, run.path("report.confusion.png"))
             log(dict(test_top1=report["top1"], test_top5=report["top5"],
                      test_videos=report["num_videos"], evaluated=report["num_evaluated"],
                      skipped=report["num_skipped"]))
@@ -570,7 +867,8 @@ def train(args, ddp, rank, local_rank, world_size, device):
                   f"top-1 {report['top1']:.1f}%  top-5 {report['top5']:.1f}%  "
                   f"(chance {100 / len(class_names):.1f}%); {report['num_videos']} test videos "
                   f"found, {report['num_evaluated']} evaluated, {report['num_skipped']} skipped")
-            print(f"report {os.path.join(args.out, 'report.json')}, log {log_path}")
+            print(f"report {run.path('report.json')}, log {log_path}, curves "
+                  f"{run.path('curves.png')}")
         if args.setting == "zero-shot":  # Table 6: HMDB51 / UCF101 test splits 1-3, mean ± std
             print(f"zero-shot transfer: python eval.py --checkpoint {checkpoint_path} "
                   "--dataset hmdb51 --data-root DIR --split all  (and ucf101)")
@@ -580,5 +878,7 @@ def train(args, ddp, rank, local_rank, world_size, device):
 if __name__ == "__main__":
     try:
         main()
-    except (data.VideoError, FileNotFoundError) as error:  # bad input: the message, no traceback
-        sys.exit(f"error: {error}")
+    except BAD_INPUT as error:  # bad input: the message on rank 0, no traceback, status 2
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
