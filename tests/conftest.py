@@ -1,6 +1,10 @@
-"""Shared test helpers: OpenAI's reference CLIP code, imported from its file.
+"""Shared test helpers: equation markers, learner mode (`--impl`), OpenAI's reference CLIP code.
 
-The reference is the `clip` package of `clip-anytorch` (pip install clip-anytorch==2.6.0 --no-deps).
+Learner mode: `python -m pytest --impl my_omniclip.py -m eq7` imports my_omniclip.py as the module
+`omniclip` before any test is collected (so every `import omniclip` sees it), runs only the model
+tests, and says at the top which file it tested.
+
+The reference CLIP is the `clip` package of `clip-anytorch` (pip install clip-anytorch==2.6.0 --no-deps).
 We load its model.py and simple_tokenizer.py by path: `import clip` would run clip/__init__.py,
 which needs torchvision, a dependency of nothing else here. A missing package fails the tests:
 parity with OpenAI is what they check, so skipping would hide the check.
@@ -11,6 +15,77 @@ import sys
 import sysconfig
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_TEST_FILES = ("test_omniclip.py", "test_variants.py", "test_misreadings.py")
+MARKERS = {
+    "eq1": "Eq. (1): V0 = X0 + PE + TE, the temporal embedding",
+    "eq2": "Eq. (2): V_s = ViT(V), the frozen CLIP layer",
+    "eq3": "Eq. (3): V_t = PTA(V), the adapter beside it",
+    "eq4": "Eq. (4): V = V_s + alpha * V_t, the fusion",
+    "eq5": "Eq. (5): F_V = Avg(MHA(F_1..F_T)), frame aggregation",
+    "eq6": "Eq. (6): R = Projector(Avg(V0)), the self-prompt generator",
+    "eq7": "Eq. (7): PTA = Up(Attn(Down(V))) over time",
+    "eq8": "Eq. (8): cosine logits",
+    "eq9": "Eq. (9): the loss",
+    "spg": "the options of Eq. (6): pooling, projector",
+    "table7": "Table 7: PTA and SPG on/off",
+    "table8": "Table 8: the temporal ratio",
+    "table9": "Table 9: SPG pooling and projector",
+    "table10": "Table 10: which layers get a PTA",
+    "table11": "Table 11: how the adapter is connected",
+    "prompts": "X-CLIP's video-specific text prompts (Sec. 3.1, 'following [26]')",
+    "clip": "CLIP itself, written from scratch",
+    "model": "whole-model properties that involve several equations",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--impl", metavar="PATH", default=None,
+                     help="learner mode: test PATH as the module `omniclip` (only the model tests run)")
+
+
+def pytest_configure(config):
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    impl = config.getoption("--impl")
+    if impl:
+        path = os.path.abspath(impl)
+        if not os.path.isfile(path):
+            raise pytest.UsageError(f"--impl {impl}: no such file")
+        spec = importlib.util.spec_from_file_location("omniclip", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["omniclip"] = module      # before collection: every `import omniclip` gets it
+        spec.loader.exec_module(module)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """In learner mode, collect only the model tests (the others test train.py, data.py, ...)."""
+    if config.getoption("--impl") and collection_path.is_file():
+        return collection_path.name not in MODEL_TEST_FILES
+    return None
+
+
+def pytest_report_header(config):
+    impl = config.getoption("--impl")
+    if impl:
+        return f"testing omniclip from {os.path.abspath(impl)} (learner mode: model tests only)"
+    spec = importlib.util.find_spec("omniclip")
+    return f"testing omniclip from {spec.origin if spec else 'nowhere: omniclip is not importable'}"
+
+
+def reference_omniclip():
+    """The repository's own omniclip.py, whatever `--impl` loaded: the gallery of misreadings
+    (test_misreadings.py) breaks the reference on purpose, to show that each check catches it."""
+    here = sys.modules.get("omniclip") or importlib.import_module("omniclip")
+    path = os.path.join(ROOT, "omniclip.py")
+    if here is not None and os.path.abspath(here.__file__) == path:
+        return here
+    if "omniclip_reference" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("omniclip_reference", path)
+        sys.modules["omniclip_reference"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["omniclip_reference"])
+    return sys.modules["omniclip_reference"]
 
 
 def _reference_dir():
