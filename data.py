@@ -47,36 +47,87 @@ class VideoError(InputError):
 # Decoding
 
 @contextlib.contextmanager
-def _reading(path):
-    """Turn whatever goes wrong while reading `path` into a VideoError naming it."""
+def _open_video(path):
+    """(container, its first video stream); whatever goes wrong while reading them becomes a
+    VideoError naming the file and the cause."""
     if not os.path.isfile(path):
         raise VideoError(f"{path}: file not found")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
     try:
-        yield
-    except (av.FFmpegError, OSError, EOFError) as error:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as error:  # an MP4 cut short loses its index at the end
+        raise VideoError(f"{path}: not a video, or truncated or damaged (ffmpeg cannot open it: "
+                         f"{getattr(error, 'strerror', None) or error})") from error
+    try:
+        with container:
+            kind = container.format.name  # ffmpeg opens images and text as one-frame "videos"
+            if kind.endswith("_pipe") or kind in ("image2", "tty"):
+                what = "a text file" if kind == "tty" else f"a {kind.replace('_pipe', '')} image"
+                raise VideoError(f"{path}: not a video ({what})")
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads: several times the default speed
+            yield container, stream
+    except av.FFmpegError as error:
+        raise VideoError(f"{path}: decode error, damaged stream ({type(error).__name__}: "
+                         f"{getattr(error, 'strerror', None) or error})") from error
+    except (OSError, EOFError) as error:
         raise VideoError(f"{path}: {type(error).__name__}: {error}") from error
 
 
-def _video_stream(container, path):
-    if not container.streams.video:
-        raise VideoError(f"{path}: no video stream")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame + slice threads: several times faster than the default
-    return stream
+def _header_seconds(container, stream):
+    """The video's duration as its header states it: the stream's own, else the per-track tag
+    Matroska/WebM writers store, else the file's."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION", "")  # "00:00:02.000000000"
+    if re.fullmatch(r"\d+:\d\d:\d\d(\.\d+)?", tag):
+        hours, minutes, seconds = tag.split(":")
+        return 3600 * int(hours) + 60 * int(minutes) + float(seconds)
+    return container.duration / 1e6 if container.duration else None
 
 
-def _count_packets(container, stream):
-    """Frames counted by demuxing alone (one packet per frame), no decoding."""
-    return sum(1 for packet in container.demux(stream) if packet.size)
+def _check_complete(path, container, stream, times):
+    """Damage the decoder may never report: compare the packets found with the header.
+    `times`: presentation times (s) of the stream's packets, None where a packet has none.
+    A cut file ends early; a damaged stretch is skipped by the demuxer (Matroska/WebM resync at
+    the next cluster) and leaves a hole in time; AVI and MP4 also list their frame count."""
+    listed = stream.frames
+    slack = max(2, listed // 100)  # encoder flush and dropped-frame markers: a frame or two
+    if listed and len(times) < listed - slack:
+        raise VideoError(f"{path}: header lists {listed} frames but the file holds {len(times)} "
+                         "(truncated or damaged)")
+    duration = _header_seconds(container, stream)
+    times = sorted(t for t in times if t is not None)
+    if not duration or len(times) < 3:
+        return
+    step = float(np.median(np.diff(times)))  # the frame interval; a median keeps variable rates
+    start = times[0] if stream.start_time is None else float(stream.start_time * stream.time_base)
+    end = start + duration
+    # time without frames: before the first, after the last, and gaps of over 4 intervals
+    holes = [(start, times[0]), (times[-1] + step, end)]
+    holes += [(a + step, b) for a, b in zip(times, times[1:]) if b - a > 4 * step]
+    missing = sum(max(0.0, b - a) for a, b in holes)
+    if missing > max(0.05 * duration, 3 * step):
+        a, b = max(holes, key=lambda hole: hole[1] - hole[0])
+        where = (f"the video stream ends at {a - start:.2f} s" if b == end
+                 else f"no frames from {a - start:.2f} s to {b - start:.2f} s")
+        raise VideoError(f"{path}: {where} of the {duration:.2f} s its header states (about "
+                         f"{round(missing / step)} frames missing; truncated or damaged)")
+
+
+def _packet_times(container, stream):
+    """Presentation times (s) of the stream's packets, by demuxing alone, no decoding."""
+    return [None if p.pts is None else float(p.pts * p.time_base)
+            for p in container.demux(stream) if p.size]
 
 
 def count_frames(path):
     """Frames in a video: the container's count, else (WebM keeps none) its packets."""
-    with _reading(path), av.open(path) as container:
-        stream = _video_stream(container, path)
-        return stream.frames or _count_packets(container, stream)
+    with _open_video(path) as (container, stream):
+        return stream.frames or len(_packet_times(container, stream))
 
 
 def read_frames(path, choose_indices):
@@ -86,33 +137,36 @@ def read_frames(path, choose_indices):
     and odd timestamps need no care, and no seeking (which lands on a keyframe) is needed: sparse
     sampling wants a frame from the first segment anyway. Decoding stops after the last frame
     needed; the rest of the file is only demuxed, to check that it holds every frame its header
-    lists (a truncated or damaged file is an error, not a shorter clip)."""
-    with _reading(path), av.open(path) as container:
-        stream = _video_stream(container, path)
-        listed = stream.frames
-        if listed == 0:  # WebM/MKV keep no frame count: count packets, then rewind
-            listed = _count_packets(container, stream)
+    promises (a truncated or damaged file is an error, not a shorter clip)."""
+    with _open_video(path) as (container, stream):
+        listed, times = stream.frames, None
+        if listed == 0:  # WebM/MKV keep no frame count: count the packets, check, rewind
+            times = _packet_times(container, stream)
+            _check_complete(path, container, stream, times)
+            listed = len(times)
             container.seek(0)
         if listed == 0:
             raise VideoError(f"{path}: the video stream holds no frames")
         indices = [int(i) for i in choose_indices(listed)]
         last, needed = max(indices), set(indices)
-        arrays, decoded, packets, latest = {}, 0, 0, None
+        arrays, decoded, latest, seen, corrupt = {}, 0, None, [], None
         for packet in container.demux(stream):
-            packets += packet.size > 0
+            if packet.size:
+                seen.append(None if packet.pts is None else float(packet.pts * packet.time_base))
             if decoded > last:
-                continue  # past the last frame needed: count packets only
+                continue  # past the last frame needed: demux only
             for frame in packet.decode():
+                if frame.is_corrupt and corrupt is None:  # the decoder concealed an error
+                    corrupt = decoded
                 if decoded in needed:
                     arrays[decoded] = frame.to_ndarray(format="rgb24")
                 decoded, latest = decoded + 1, frame
-        # Header counts can be off by a frame or two at the end (encoder flush, dropped-frame
-        # markers); a larger shortfall is a truncated or damaged file.
-        slack = max(2, listed // 100)
-        if packets < listed - slack:
-            raise VideoError(f"{path}: header lists {listed} frames but the file holds {packets} "
-                             "(truncated or damaged)")
+        if times is None:  # a cut file names its cut, more useful than the corrupt frame
+            _check_complete(path, container, stream, seen)
+        if corrupt is not None:
+            raise VideoError(f"{path}: decode error, frame {corrupt} is corrupt (damaged stream)")
         if decoded <= last:
+            slack = max(2, listed // 100)
             if decoded == 0 or decoded < listed - slack:
                 raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
                                  "(damaged stream)")

@@ -3,9 +3,10 @@
 Every video is written by the test itself with PyAV. A frame's content encodes its index (eight
 black/white stripes, one bit each), so a test reads back *which* frame it got, not only how many.
 """
+import fractions
 import json
-import re
 import os
+import re
 
 import av
 import numpy as np
@@ -33,9 +34,15 @@ def frame_ids(frames):
             for f in frames]
 
 
-def write_index_video(path, num_frames=40, codec="mpeg4"):
-    data.write_video(str(path), index_video(num_frames), codec=codec)
+def encode(path, frames, codec="mpeg4", bit_rate=None):
+    """data.write_video, with libvpx's realtime mode (ten times faster) for WebM."""
+    fast = dict(deadline="realtime", **{"cpu-used": "8"}) if codec.startswith("libvpx") else {}
+    data.write_video(str(path), frames, codec=codec, options=fast, bit_rate=bit_rate)
     return str(path)
+
+
+def write_index_video(path, num_frames=40, codec="mpeg4"):
+    return encode(path, index_video(num_frames), codec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +343,119 @@ def test_bad_videos_are_named_and_skipped_when_asked(tmp_path):
         data.VideoDataset(samples, frames=4, train=True, size=32)[4]
 
 
+CONTAINERS = [("mpeg4", ".avi"),        # HMDB51 / UCF101: the header counts the frames
+              ("libx264", ".mp4"),      # Kinetics: the index (moov) sits at the end
+              ("libx264", ".mkv"),      # Matroska: no frame count, a duration per track
+              ("libvpx-vp9", ".webm"),  # SSv2
+              ("libvpx", ".webm")]      # older WebM (VP8)
+
+
+BIT_RATE = 2_000_000  # ~8 kB a frame at 64 x 48: like real videos, most bytes are picture data
+
+
+def noise_video(num_frames, seed=0):
+    """Frames of noise (encoded at BIT_RATE: every frame a large packet)."""
+    noise = np.random.default_rng(seed).integers(0, 64, (num_frames, 48, 64, 3))
+    return (noise + 3 * np.arange(num_frames)[:, None, None, None]).astype(np.uint8)
+
+
+def damaged_copies(path):
+    """{name: path}: cut at 60%; a fifth of the file overwritten in the middle, by noise and by
+    zeros (a disk or download error)."""
+    raw = open(path, "rb").read()
+    size = len(raw) // 5
+    middle = slice(len(raw) // 2 - size // 2, len(raw) // 2 - size // 2 + size)
+    noise = np.random.default_rng(1).integers(0, 256, size, np.uint8).tobytes()
+    copies = {"cut": raw[:len(raw) * 6 // 10],
+              "noise": raw[:middle.start] + noise + raw[middle.stop:],
+              "zeros": raw[:middle.start] + bytes(size) + raw[middle.stop:]}
+    stem, suffix = os.path.splitext(path)
+    for name, content in copies.items():
+        open(f"{stem}_{name}{suffix}", "wb").write(content)
+    return {name: f"{stem}_{name}{suffix}" for name in copies}
+
+
+@pytest.mark.parametrize("codec, suffix", CONTAINERS)
+def test_damaged_videos_are_named_in_every_container(tmp_path, codec, suffix):
+    good = str(tmp_path / f"good{suffix}")
+    encode(good, noise_video(40), codec, BIT_RATE)
+    short = str(tmp_path / f"short{suffix}")
+    encode(short, noise_video(3), codec, BIT_RATE)
+    assert data.check_video(good) == 40 and data.check_video(short) == 3  # no false alarm
+    for name, path in damaged_copies(good).items():
+        with pytest.raises(data.VideoError) as error:
+            data.check_video(path)
+        message = str(error.value)
+        assert message.startswith(path + ": ") and "\n" not in message
+        assert "truncated" in message or "damaged" in message, message
+        if name == "cut" and suffix != ".mp4":  # a cut MP4 has lost its index: cannot be opened
+            assert "truncated" in message and "header" in message, message
+        # a training clip from the damaged file is refused too, not served as a shorter clip
+        with pytest.raises(data.VideoError, match=re.escape(path)):
+            data.VideoDataset([(path, 0)], frames=8, train=True, size=32)[0]
+
+
+@pytest.mark.parametrize("suffix, codec", [(".webm", "libvpx-vp9"), (".mkv", "libx264")])
+def test_timestamps_tell_variable_frame_rate_from_missing_frames(tmp_path, suffix, codec):
+    def write(path, ticks):  # frame i shown for ticks[i] / 30 s
+        with av.open(path, "w") as container:
+            fast = {"deadline": "realtime", "cpu-used": "8"}
+            stream = container.add_stream(codec, rate=30, options=fast)
+            stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+            stream.codec_context.time_base = fractions.Fraction(1, 30)
+            pts = 0
+            for array, tick in zip(noise_video(len(ticks)), ticks):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts, frame.time_base, pts = pts, fractions.Fraction(1, 30), pts + tick
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return path
+    variable = [1, 3, 2, 1, 1, 2, 3, 1] * 5  # 40 frames over 2.6 s: no hole, no gap over 4 frames
+    assert data.check_video(write(str(tmp_path / f"vfr{suffix}"), variable)) == 40
+    slow_start = [4] * 10 + [1] * 30
+    assert data.check_video(write(str(tmp_path / f"slow{suffix}"), slow_start)) == 40
+    # 20 frames, then nothing for 40 frames' time, then 20 more: a frame count far below what
+    # the duration implies at the video's own frame rate
+    hole = write(str(tmp_path / f"hole{suffix}"), [1] * 19 + [41] + [1] * 20)
+    with pytest.raises(data.VideoError, match=re.escape(hole) + ": no frames from 0.67 s to 2.00 s"):
+        data.check_video(hole)
+
+
+@pytest.mark.parametrize("name, content, cause", [
+    ("picture.png", "png", "not a video (a png image)"),
+    ("picture.mp4", "png", "not a video (a png image)"),  # the suffix does not decide
+    ("notes.txt", b"a list of my videos\n" * 20, "not a video"),
+    ("notes.avi", b"a list of my videos\n" * 20, "not a video, or truncated or damaged")])
+def test_files_that_are_not_videos_are_refused(tmp_path, name, content, cause):
+    path = tmp_path / name
+    if content == "png":
+        from PIL import Image
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(path, format="PNG")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(data.VideoError, match=re.escape(f"{path}: {cause}")):
+        data.read_frames(str(path), lambda n: [0])
+
+
+def test_doctor_names_damaged_files_of_every_container(tmp_path, capsys):
+    root = str(tmp_path)  # an HMDB51 layout whose split file lists videos of four containers
+    os.makedirs(os.path.join(root, "wave"))
+    lines, bad = [], []
+    for i, (codec, suffix) in enumerate(CONTAINERS):
+        good = os.path.join(root, "wave", f"v{i}{suffix}")
+        encode(good, noise_video(24, seed=i), codec, BIT_RATE)
+        cut = damaged_copies(good)["cut"]
+        lines += [f"{os.path.basename(good)} {1 + i % 2}", f"{os.path.basename(cut)} {1 + i % 2}"]
+        bad.append(cut)
+    write_text(os.path.join(root, "testTrainMulti_7030_splits", "wave_test_split1.txt"),
+               "\n".join(lines) + "\n")
+    assert data.main(["--dataset", "hmdb51", "--data-root", root, "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    named = [line for line in out.splitlines() if line.startswith("BAD ")]
+    assert sorted(line.split(": ")[0][4:] for line in named) == sorted(bad)
+    assert f"{2 * len(CONTAINERS)} videos checked, {len(CONTAINERS)} problems" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # Few-shot lists
 
@@ -431,17 +551,17 @@ def darker_on_the_left(clip):
 def test_flip_zero_never_flips_and_flip_one_always_does():
     clip = torch.from_numpy(ramp_frames(2))
     for flip, expected in [(0.0, True), (1.0, False)]:
-        for seed in range(20):
+        for seed in range(10):
             out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
             assert darker_on_the_left(out) == expected, f"flip={flip}, seed {seed}"
     flips = [not darker_on_the_left(data.train_transform(clip, 32, torch.Generator().manual_seed(s)))
-             for s in range(200)]
-    assert 70 < sum(flips) < 130  # the default flips half of the clips
+             for s in range(60)]
+    assert 18 < sum(flips) < 42  # the default flips half of the clips
 
 
 def test_ssv2_style_dataset_with_flip_zero_never_flips(tmp_path):
     path = str(tmp_path / "1.webm")
-    data.write_video(path, ramp_frames(8), codec="libvpx-vp9")
+    encode(path, ramp_frames(8), "libvpx-vp9")
     dataset = data.VideoDataset([(path, 0)] * 30, frames=2, train=True, size=32, flip=0)
     for i in range(30):
         assert darker_on_the_left(dataset[i]["video"]), f"draw {i} was flipped"
