@@ -13,7 +13,7 @@ How these tests are built, so that they turn red on a wrong line and say which e
 
 Every test carries its equation's marker: `pytest -m eq7` runs exactly Eq. (7)'s tests, and
 `pytest --impl my_omniclip.py -m eq7` runs them on your own file. All on CPU in seconds, with the
-`tiny` architecture (the same code path as ViT-B/16: D = E = 128, 4x4 patches, 4 layers).
+`tiny` architecture (the same code path as ViT-B/16: D = E = 128, 4x4 patches), 3 layers deep.
 """
 import math
 
@@ -33,7 +33,10 @@ PROMPTS = K // 4           # Eq. (6): one prompt per 2x2 block of patches
 # Building tiny models, moving them off their initialisation, comparing values.
 
 def tiny_config(oc=omniclip, **options):
-    return oc.OmniCLIPConfig(**oc.ARCHITECTURES["tiny"], frames=options.pop("frames", T), **options)
+    """The `tiny` architecture, with 3 ViT layers and a small text tower (these tests never run
+    text): seconds per test on a shared CPU."""
+    arch = dict(oc.ARCHITECTURES["tiny"], vision_layers=3, vocab_size=1000, text_layers=1)
+    return oc.OmniCLIPConfig(**arch, frames=options.pop("frames", T), **options)
 
 
 def tiny_model(oc=omniclip, **options):
@@ -126,7 +129,8 @@ def attention(x, attn, context=None, causal=False):
     heads = max(1, d // 64)
     w = d // heads
     kv = x if context is None else context
-    W, b = attn.in_proj_weight, attn.in_proj_bias
+    W = attn.in_proj_weight
+    b = torch.zeros(3 * d) if attn.in_proj_bias is None else attn.in_proj_bias
     q = x @ W[:d].T + b[:d]                                     # (L, d)
     k = kv @ W[d:2 * d].T + b[d:2 * d]                          # (S, d)
     v = kv @ W[2 * d:].T + b[2 * d:]                            # (S, d)
@@ -318,11 +322,7 @@ def test_eq1_a_video_with_another_number_of_frames_is_a_clear_error():
 # ----------------------------------------------------------------------------------------------
 # Eq. (2): V_s = ViT(V), CLIP's frozen pre-LN layer, applied to each frame's tokens.
 
-@pytest.mark.eq2
-@pytest.mark.clip
-@pytest.mark.parametrize("causal", [False, True], ids=["image", "text"])
-def test_eq2_vit_layer_is_clips_pre_layernorm_block(causal):
-    oc = omniclip
+def check_eq2_clip_layer(oc=omniclip, causal=False):
     torch.manual_seed(0)
     block = randomize(oc.ResidualAttentionBlock(D, heads=D // 64, causal=causal).requires_grad_())
     x = torch.randn(3, 6, D)                                    # (frames, tokens, D)
@@ -332,7 +332,15 @@ def test_eq2_vit_layer_is_clips_pre_layernorm_block(causal):
         hidden = quick_gelu(linear(layer_norm(seq, block.ln_2), block.mlp.c_fc))
         expected.append(seq + linear(hidden, block.mlp.c_proj))
     with torch.no_grad():
-        assert_matches(block(x), torch.stack(expected), "Eq. (2) CLIP's layer x + Attn(LN x), + MLP(LN x)")
+        assert_matches(block(x), torch.stack(expected),
+                       f"Eq. (2) CLIP's {'causal ' if causal else ''}layer: V + Attn(LN V), then + MLP(LN V)")
+
+
+@pytest.mark.eq2
+@pytest.mark.clip
+@pytest.mark.parametrize("causal", [False, True], ids=["image", "text"])
+def test_eq2_vit_layer_is_clips_pre_layernorm_block(causal):
+    check_eq2_clip_layer(causal=causal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,13 +400,13 @@ def test_eq4_block_parallel_fuses_clip_layer_and_adapter_with_alpha():
 @pytest.mark.eq3
 @pytest.mark.eq4
 def test_eq4_every_layer_is_a_spatial_temporal_block_in_order():
-    check_eq4_layers_in_sequence(layers_with_adapter=range(4))
+    check_eq4_layers_in_sequence(layers_with_adapter=range(3))
 
 
 @pytest.mark.eq4
 def test_eq4_alpha_is_one_learnable_scalar_per_layer_starting_at_one():
     alphas = [block.alpha for block in tiny_model().blocks.values()]
-    assert len(alphas) == 4 and len({id(a) for a in alphas}) == 4, "Eq. (4): one alpha per layer"
+    assert len(alphas) == 3 and len({id(a) for a in alphas}) == 3, "Eq. (4): one alpha per layer"
     for a in alphas:
         assert a.shape == () and a.requires_grad and a.item() == 1.0, "Eq. (4): scalar, learnable, init 1"
 
@@ -423,7 +431,7 @@ def test_table10_pta_layers_choose_which_layers_get_an_adapter():
     check_eq4_layers_in_sequence(what="Table 10 pta_layers=[0, 2]", layers_with_adapter=[0, 2],
                                  pta_layers=[2, 0])
     with pytest.raises(ValueError, match="pta_layers"):
-        tiny_config(pta_layers=[4])                             # the tiny model has layers 0-3
+        tiny_config(pta_layers=[3])                             # the test model has layers 0-2
 
 
 @pytest.mark.eq4
@@ -486,9 +494,13 @@ def check_eq6_wiring(oc=omniclip):
         check(x.shape[1] == 1 + K + PROMPTS, what, f"layer {i} sees {x.shape[1]} tokens, expected {1 + K + PROMPTS}")
 
 
+def check_eq6_model_spg(oc=omniclip):
+    check_eq6_spg(tiny_model(oc).spg)
+
+
 @pytest.mark.eq6
 def test_eq6_spg_pools_2x2_blocks_and_adds_its_projector():
-    check_eq6_spg(tiny_model().spg)
+    check_eq6_model_spg()
 
 
 @pytest.mark.eq6
@@ -505,12 +517,16 @@ def test_eq6_projector_starts_at_zero_so_prompts_start_as_the_2x2_averages():
                        "Eq. (6) at init: R = Avg(V0)")
 
 
+def check_table9_options(oc=omniclip, pooling="max", projector=True):
+    check_eq6_spg(tiny_model(oc, spg_pooling=pooling, spg_projector=projector).spg, 4, pooling, projector)
+
+
 @pytest.mark.eq6
 @pytest.mark.spg
 @pytest.mark.table9
 @pytest.mark.parametrize("pooling,projector", [("max", True), ("avg", False), ("max", False)])
 def test_eq6_table9_pooling_and_projector_options(pooling, projector):
-    check_eq6_spg(tiny_model(spg_pooling=pooling, spg_projector=projector).spg, 4, pooling, projector)
+    check_table9_options(pooling=pooling, projector=projector)
 
 
 @pytest.mark.eq6
@@ -521,12 +537,15 @@ def test_eq6_odd_patch_grid_pools_with_ceil():
         check_eq6_spg(omniclip.SelfPromptGenerator(32, 5, pooling, True), 5, pooling, True, width=32)
 
 
+def check_table7_without_spg(oc=omniclip):
+    check(tiny_model(oc, spg=False).spg is None, "Table 7 spg=False", "the model still has an SPG")
+    check_eq4_layers_in_sequence(oc, what="Table 7 spg=False", spg=False)
+
+
 @pytest.mark.eq6
 @pytest.mark.table7
 def test_table7_without_spg_there_are_no_prompt_tokens():
-    model = tiny_model(spg=False)
-    assert model.spg is None, "Table 7 spg=False: no SPG"
-    check_eq4_layers_in_sequence(what="Table 7 spg=False", spg=False)
+    check_table7_without_spg()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,15 +713,19 @@ def test_prompts_use_the_patch_tokens_of_every_frame_as_keys_and_values():
     check_prompts_wiring()
 
 
-@pytest.mark.prompts
-def test_prompts_keys_go_through_clips_frozen_ln_post_and_proj():
-    """Our reading: the patch tokens join the joint space the way the class token does."""
-    model = randomize(tiny_model())
+def check_prompts_keys(oc=omniclip):
+    model = randomize(tiny_model(oc))
     patches, visual = torch.randn(B * T, K, D), model.clip.visual
     with torch.no_grad():
         got = model.prompt_generator.project_patches(patches, visual)
     assert_matches(got, layer_norm(patches, visual.ln_post) @ visual.proj,
                    "video-specific prompts: keys/values = ln_post(patch tokens) @ proj")
+
+
+@pytest.mark.prompts
+def test_prompts_keys_go_through_clips_frozen_ln_post_and_proj():
+    """Our reading: the patch tokens join the joint space the way the class token does."""
+    check_prompts_keys()
 
 
 @pytest.mark.prompts
@@ -743,6 +766,7 @@ def check_eq8_wiring(oc=omniclip, video_prompts=True):
         model.clip.logit_scale.fill_(2.1)
     c = class_features()
     logits = run(model, c=c)
+    check(len(model.frame_aggregation.outputs) == 1, "Eq. (8)", "F_V must come from the Eq. (5) head")
     F_V = model.frame_aggregation.outputs[0]
     c_hat = model.prompt_generator.outputs[0] if video_prompts else c
     assert_matches(logits, cosine_oracle(F_V, c_hat, 2.1),
