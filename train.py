@@ -133,8 +133,8 @@ def parse_args(argv=None):
     a("--cutmix", type=float, help="CutMix's Beta(a, a). Table 1: 1.0; 0 = off")
     a("--cutmix-prob", type=float, help="per batch, CutMix with this probability, else Mixup "
                                         "(paper is silent; X-CLIP's timm Mixup: 0.5)")
-    a("--flip", type=float, help="horizontal flip probability (paper is silent; X-CLIP: 0.5). "
-                                 "0 for SSv2, whose classes say left and right, and for the demo")
+    a("--flip", type=float, help="horizontal flip probability. Table 1: 0.5; 0 for SSv2, whose "
+                                 "classes say left and right (as every CLIP video work), and the demo")
     a("--test-views", help="temporal x spatial views at test. Sec. 4.1: 4x3 (supervised); "
                            "1x1 few-shot and zero-shot (X-CLIP)")
     a("--template", help="class text; the paper's 'A video of [CLS] action' (Sec. 3)")
@@ -327,6 +327,11 @@ def epoch_batches(num_samples, seed, epoch, global_batch, micro_batch, rank, wor
 
 # ------------------------------------------------------------------------------------------------
 # One optimizer step: Table 1's mixing, schedule and optimizer.
+
+def micro_batch_rng(seed, step, micro, rank, world_size):
+    """The mixup/cutmix generator of one micro-batch: its own draw, whichever rank runs it."""
+    return np.random.default_rng([seed, step, micro * world_size + rank])
+
 
 def mix_batch(videos, labels, num_classes, args, rng):
     """Table 1's label smoothing 0.1, Mixup 0.8, CutMix 1.0, as X-CLIP applies them (timm's Mixup,
@@ -678,6 +683,7 @@ def main(argv=None):
         model, inputs.clip_weights = build_model(args, resolve_weights(args) if rank else weights)
         inputs.adapter = model.adapter_name()
         run = on_rank0(lambda: prepare_run(args, inputs), ddp, rank)
+        args.out = run.out
         return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device)
     finally:
         if run is not None and rank == 0:
@@ -797,7 +803,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                 # DDP averages gradients over ranks only on the last micro-step
                 last = micro == accumulation - 1
                 sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
-                mix_rng = np.random.default_rng([args.seed, step, micro * world_size + rank])
+                mix_rng = micro_batch_rng(args.seed, step, micro, rank, world_size)
                 with sync:
                     loss, correct, clips = train_micro_step(model, batch, class_features,
                                                             len(class_names), args, mix_rng,
