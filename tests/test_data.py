@@ -5,7 +5,9 @@ black/white stripes, one bit each), so a test reads back *which* frame it got, n
 """
 import fractions
 import json
+import math
 import os
+import random
 import re
 
 import av
@@ -14,6 +16,19 @@ import pytest
 import torch
 
 import data
+
+# OpenAI CLIP's pretraining statistics, typed here from CLIP's own code, not read from data.py
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors on shared cores: one thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def index_video(num_frames, width=64, height=48):
@@ -80,6 +95,26 @@ def test_short_video_repeats_frames_in_order(tmp_path):
     assert video.shape == (8, 3, 32, 32)
 
 
+@pytest.mark.parametrize("codec, suffix", [("mpeg4", ".avi"), ("libx264", ".mp4")])
+def test_colours_arrive_in_rgb_order_with_clips_mean_and_std(tmp_path, codec, suffix):
+    colours = [(230, 30, 30), (30, 200, 60), (40, 60, 220), (200, 120, 40)]  # 2 x 2 blocks
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for k, colour in enumerate(colours):
+        frame[32 * (k // 2):32 * (k // 2 + 1), 32 * (k % 2):32 * (k % 2 + 1)] = colour
+    path = encode(tmp_path / f"colours{suffix}", np.repeat(frame[None], 4, 0), codec, 4_000_000)
+    # S = 56: short side 64 stays 64, centre crop rows and columns 4..59, no resampling
+    video = data.VideoDataset([(path, 0)], frames=2, train=False, size=56)[0]["video"]
+    assert video.shape == (1, 2, 3, 56, 56)
+    for k, colour in enumerate(colours):
+        y, x = 32 * (k // 2) + 16 - 4, 32 * (k % 2) + 16 - 4  # the block's centre in the crop
+        got = video[0, :, :, y - 6:y + 6, x - 6:x + 6].mean((0, 2, 3))  # (3,)
+        expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, CLIP_MEAN, CLIP_STD)])
+        # the codec's yuv420p round trip moves a colour by at most 3 of 255 levels; BGR order
+        # or ImageNet's statistics move these by 15 levels or more
+        torch.testing.assert_close(got, expected, atol=4 / 255 / 0.26, rtol=0,
+                                   msg=lambda m: f"colour block {k} {colour}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sparse segment sampling
 
@@ -101,6 +136,35 @@ def test_train_sampler_draws_one_frame_per_segment():
     offsets = draws - 10 * torch.arange(8)
     assert offsets.min() == 0 and offsets.max() == 9  # every frame of a segment can be drawn
     assert len(set(map(tuple, draws.tolist()))) > 250
+
+
+@pytest.mark.parametrize("num_frames, T", [(50, 8), (7, 3), (5, 8), (301, 32)])
+def test_sampled_indices_for_lengths_that_do_not_divide(num_frames, T):
+    length = num_frames / T  # segment i is [i * length, (i + 1) * length)
+    for views in (1, 2, 3):
+        expected = [[min(math.floor((i + (v + 0.5) / views) * length), num_frames - 1)
+                     for i in range(T)] for v in range(views)]
+        assert data.eval_indices(num_frames, T, views) == expected, f"{views} temporal views"
+    u = torch.rand(T, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
+    drawn = data.train_indices(num_frames, T, torch.Generator().manual_seed(3))
+    assert drawn == [min(math.floor((i + u[i].item()) * length), num_frames - 1) for i in range(T)]
+    if num_frames >= T:  # one frame inside each segment
+        assert all(i * length - 1 < index < (i + 1) * length for i, index in enumerate(drawn))
+
+
+def test_training_item_draws_its_frames_and_augmentation_from_one_seeded_generator(tmp_path):
+    path = write_index_video(tmp_path / "v.avi", 60)
+    dataset = data.VideoDataset([(path, 0), (path, 0)], frames=6, train=True, size=32, seed=11)
+    for index in (0, 1):
+        state = np.random.SeedSequence([11, index]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        u = torch.rand(6, generator=generator)  # the indices' draw comes first...
+        expected_indices = [math.floor((i + u[i].item()) * 10) for i in range(6)]
+        frames = data.read_frames(path, lambda n: expected_indices)
+        assert frame_ids(frames) == expected_indices
+        expected = data.train_transform(torch.from_numpy(frames), 32, generator)  # ...then the rest
+        torch.testing.assert_close(dataset[index]["video"], expected, atol=0, rtol=0)
+    assert not torch.equal(dataset[0]["video"], dataset[1]["video"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +199,32 @@ def test_multiscale_crop_sizes_and_positions():
             seen_positions.add(corners_and_centre.index((y, x)))
     assert seen_sizes == allowed  # 10 pairs: never 256 x 168 (two scales apart)
     assert len(seen_positions) == 5
+
+
+def test_train_crop_and_flip_land_on_the_expected_pixels(monkeypatch):
+    # 48 x 64 frame of 4 x 4 blocks of 12 x 16 pixels, each its own colour
+    colour = torch.tensor([[(40 + 50 * r, 30 + 60 * c, 200 - 40 * r) for c in range(4)]
+                           for r in range(4)], dtype=torch.uint8)  # (4, 4, 3)
+    frame = colour.repeat_interleave(12, 0).repeat_interleave(16, 1)  # (48, 64, 3)
+    clip = frame.expand(2, -1, -1, -1)
+    # S = 32: short side to round(32 * 256 / 224) = 37, so a 37 x 49 frame. Fix the multi-scale
+    # crop at y 0, x 12, 37 x 37, i.e. decoded rows 0..47 and columns 16..63: block columns 1-3.
+    monkeypatch.setattr(data, "multiscale_crop", lambda h, w, generator=None: (0, 12, 37, 37))
+    monkeypatch.setattr(data, "color_jitter", lambda clip, generator=None: clip)
+    seed = next(s for s in range(100)  # a draw without grayscale: the third draw (flip, jitter, gray)
+                if torch.rand(3, generator=torch.Generator().manual_seed(s))[2] >= 0.2)
+    for flip in (0.0, 1.0):
+        out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
+        rgb = out[0] * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        for r in range(4):
+            for c in range(1, 4):  # the crop's 48 columns resized to 32: block c at 32/48 scale
+                y, x = round((12 * r + 6) * 32 / 48), round((16 * c + 8 - 16) * 32 / 48)
+                x = 31 - x if flip else x  # mirrored left to right
+                torch.testing.assert_close(rgb[:, y, x] * 255, colour[r, c].float(), atol=0.5,
+                                           rtol=0, msg=lambda m: f"flip {flip}, block {r, c}: {m}")
+    unflipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=0)
+    flipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=1)
+    torch.testing.assert_close(flipped, unflipped.flip(-1), atol=0, rtol=0)
 
 
 def test_color_jitter_with_zero_strength_is_identity_and_hue_keeps_gray():
@@ -291,6 +381,53 @@ def test_ssv2_layout(tmp_path):
     assert train == [(os.path.join(videos, "78687.webm"), 1), (os.path.join(videos, "42.webm"), 0)]
     test, _ = data.load_dataset("ssv2", root, subset="test")
     assert test == [(os.path.join(videos, "7.webm"), 0)]
+
+
+def test_ucf101_class_ids_come_from_classind_not_from_the_alphabet(tmp_path):
+    root = str(tmp_path)
+    lists = os.path.join(root, "ucfTrainTestlist")
+    write_text(os.path.join(lists, "classInd.txt"), "2 ApplyEyeMakeup\n3 Archery\n1 YoYo\n")
+    write_text(os.path.join(lists, "trainlist01.txt"), "YoYo/v_YoYo_g08_c01.avi 1\n"
+               "Archery/v_Archery_g08_c01.avi 3\nApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 2\n")
+    train, classes = data.load_dataset("ucf101", root, subset="train")
+    assert classes == ["yo yo", "apply eye makeup", "archery"]  # id 1 is label 0
+    assert [label for _, label in train] == [0, 2, 1]
+    write_text(os.path.join(lists, "trainlist01.txt"), "YoYo/v_YoYo_g08_c01.avi 2\n")
+    with pytest.raises(data.InputError, match="listed as class 2, its folder is class 1"):
+        data.load_dataset("ucf101", root, subset="train")
+
+
+def test_k400_classes_are_sorted_over_every_csv(tmp_path):
+    root = str(tmp_path)
+    write_text(os.path.join(root, "train.csv"), "label,youtube_id,time_start,time_end,split\n"
+               "zumba,z1,0,10,train\nabseiling,a1,0,10,train\nbowling,b1,0,10,train\n")
+    write_text(os.path.join(root, "validate.csv"), "label,youtube_id,time_start,time_end,split\n"
+               "yoga,y1,0,10,val\nzumba,z2,0,10,val\n")  # yoga: a class only in validation
+    for clip in ("z1", "a1", "b1", "y1", "z2"):
+        touch(os.path.join(root, "videos", f"{clip}_000000_000010.mp4"))
+    train, classes = data.load_dataset("k400", root, subset="train")
+    assert classes == ["abseiling", "bowling", "yoga", "zumba"]
+    assert [(os.path.basename(p)[:2], label) for p, label in train] == [("z1", 3), ("a1", 0),
+                                                                         ("b1", 1)]
+    test, test_classes = data.load_dataset("k400", root, subset="test")
+    assert test_classes == classes and [label for _, label in test] == [2, 3]
+
+
+def test_ssv2_class_ids_are_labels_json_strings_used_as_given(tmp_path):
+    root = str(tmp_path)
+    templates = [f"Moving something {word}" for word in
+                 "up down left right away closer past under over into onto".split()]
+    ids = [7, 2, 10, 0, 5, 1, 9, 3, 8, 6, 4]  # neither alphabetical nor in file order
+    write_text(os.path.join(root, "labels", "something-something-v2-labels.json"),
+               json.dumps({t: str(i) for t, i in zip(templates, ids)}))
+    items = [{"id": str(100 + k), "label": "x", "template": t.replace("something", "[something]"),
+              "placeholders": ["x"]} for k, t in enumerate(templates)]
+    write_text(os.path.join(root, "labels", "something-something-v2-train.json"), json.dumps(items))
+    train, classes = data.load_dataset("ssv2", root, subset="train")
+    assert [label for _, label in train] == ids  # "10" is 10, not sorted as a string
+    for template, i in zip(templates, ids):
+        assert classes[i] == template.lower()
+    assert train[0][0] == os.path.join(root, "100.webm")
 
 
 def test_list_layout(tmp_path):
@@ -466,6 +603,14 @@ def test_few_shot_is_seeded_and_round_trips(tmp_path):
     assert set(chosen) <= set(samples) and len(set(chosen)) == 6
     assert data.few_shot(samples, 2, seed=7) == chosen
     assert any(data.few_shot(samples, 2, seed=s) != chosen for s in range(8, 12))
+    # the draw itself, so a recorded seed names the same videos in every version: per class in
+    # label order, Python's random.Random(seed).sample from the class's videos, sorted by path
+    rng = random.Random(7)
+    expected = [(path, c) for c in range(3)
+                for path in rng.sample(sorted(p for p, label in samples if label == c), 2)]
+    assert chosen == expected
+    shuffled = samples[::-1]  # the order of the list does not change the draw
+    assert data.few_shot(shuffled, 2, seed=7) == chosen
     path = str(tmp_path / "few_shot.txt")
     data.write_sample_list(path, chosen)
     assert data.read_sample_list(path) == chosen
