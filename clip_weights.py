@@ -9,7 +9,9 @@ import gzip
 import hashlib
 import html
 import os
+import sys
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 import zipfile
@@ -37,8 +39,17 @@ MODELS = {
 }
 
 
+# The SHA256 of each released file, the table a checkpoint's recorded name is checked against.
+MODEL_SHA256 = {name: url.split("/")[-2] for name, url in MODELS.items()}
+
+
 class WeightsError(Exception):
     """A CLIP weights name or file that cannot be used: one line naming it and what is wrong."""
+
+
+def model_name_for_sha256(sha256):
+    """The OpenAI model whose released file has this SHA256, else None (a file of one's own)."""
+    return next((name for name, digest in MODEL_SHA256.items() if digest == sha256), None)
 
 
 # Integers stored beside the weights in OpenAI's archives; the shapes already say the same.
@@ -60,12 +71,13 @@ def sha256_of(path):
 
 
 def _fetch(url, out):
-    """Copy `url` into the open file `out` with a progress bar; returns the SHA256 of the bytes."""
+    """Copy `url` into the open file `out`; returns the SHA256 of the bytes. The progress bar
+    shows only on a terminal (a redirected log gets no carriage returns)."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                  desc=os.path.basename(url)) as bar:
+                  desc=os.path.basename(url), disable=not sys.stderr.isatty()) as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 digest.update(chunk)
@@ -78,8 +90,8 @@ def download(name_or_url, cache_dir=None):
     url = MODELS.get(name_or_url, name_or_url)
     expected = url.rstrip("/").split("/")[-2] if url.count("/") >= 2 else ""
     if not regex.fullmatch(r"[0-9a-f]{64}", expected):
-        raise ValueError(f"{name_or_url!r} is neither a name in MODELS {list(MODELS)} nor a URL "
-                         f"whose second-to-last path part is the file's SHA256")
+        raise WeightsError(f"{name_or_url!r} is neither a name in {list(MODELS)} nor a URL "
+                           f"whose second-to-last path part is the file's SHA256")
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     target = os.path.join(cache_dir, os.path.basename(url))
@@ -96,9 +108,14 @@ def download(name_or_url, cache_dir=None):
     fd, part = tempfile.mkstemp(dir=cache_dir, prefix=os.path.basename(url) + ".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
-            actual = _fetch(url, out)
+            try:
+                actual = _fetch(url, out)
+            except (urllib.error.URLError, OSError) as error:   # offline, proxy, HTTP error
+                raise WeightsError(
+                    f"cannot download {url} ({type(error).__name__}: {error}); offline? put the "
+                    f"file (SHA256 {expected}) at {target}, or pass --clip-weights FILE") from None
         if actual != expected:
-            raise RuntimeError(f"SHA256 mismatch for {url}: expected {expected}, got {actual}; "
+            raise WeightsError(f"SHA256 mismatch for {url}: expected {expected}, got {actual}; "
                                f"the download was deleted, nothing was cached")
         os.replace(part, target)
     finally:
@@ -114,7 +131,8 @@ def resolve_weights(name_or_path, cache_dir=None):
         return name_or_path
     if name_or_path in MODELS or "://" in name_or_path:
         return download(name_or_path, cache_dir)
-    raise FileNotFoundError(f"{name_or_path!r} is not a file, nor one of {list(MODELS)}")
+    what = "a directory" if os.path.isdir(name_or_path) else "not a file"
+    raise WeightsError(f"{name_or_path!r} is {what}, nor one of {list(MODELS)}")
 
 # ----------------------------------------------------------------------------------------------
 # Load either file format OpenAI-style weights come in.
@@ -139,10 +157,11 @@ def load_state_dict(name_or_path, cache_dir=None):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for a foreign file; all mean the same here
-        raise ValueError(f"{path} is neither a TorchScript archive nor a state_dict saved with "
-                         f"torch.save ({type(error).__name__}: {error})") from error
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise WeightsError(f"{path} is neither a TorchScript archive nor a state_dict saved with "
+                           f"torch.save ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of name -> tensor)")
+        raise WeightsError(f"{path} does not hold a state_dict (a dict of name -> tensor)")
     # OpenAI ships fp16; the frozen model is kept in fp32 and autocast picks the compute precision.
     return {name: tensor.float() if tensor.is_floating_point() else tensor
             for name, tensor in state.items() if name not in DROPPED_KEYS}
@@ -160,19 +179,19 @@ def clip_architecture(state_dict):
     sd = state_dict
     if "visual.proj" not in sd and any(k.startswith(("visual.layer1.", "visual.attnpool."))
                                        for k in sd):
-        raise ValueError("these are ResNet CLIP weights; OmniCLIP adapts ViT blocks, so only the "
+        raise WeightsError("these are ResNet CLIP weights; OmniCLIP adapts ViT blocks, so only the "
                          f"ViT models load: {list(MODELS)}")
     needed = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj",
               "token_embedding.weight", "positional_embedding", "ln_final.weight",
               "text_projection"]
     absent = [k for k in needed if k not in sd]
     if absent:
-        raise ValueError(f"not CLIP ViT weights with OpenAI's names: missing {absent}")
+        raise WeightsError(f"not CLIP ViT weights with OpenAI's names: missing {absent}")
     width, _, patch, _ = sd["visual.conv1.weight"].shape             # (D, 3, P, P)
     tokens = sd["visual.positional_embedding"].shape[0]              # 1 + K
     grid = round((tokens - 1) ** 0.5)
     if grid * grid + 1 != tokens:
-        raise ValueError(f"visual.positional_embedding has {tokens} rows, not 1 + a square grid")
+        raise WeightsError(f"visual.positional_embedding has {tokens} rows, not 1 + a square grid")
     text_width = sd["ln_final.weight"].shape[0]
     return dict(
         embed_dim=sd["text_projection"].shape[1],
@@ -198,10 +217,9 @@ def _load_strictly(module, state_dict):
     misshapen = [f"{k}: weights {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
                  for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or misshapen:
-        raise ValueError("the weights do not match omniclip.CLIP:\n"
-                         f"  missing ({len(missing)}): {missing}\n"
-                         f"  unexpected ({len(unexpected)}): {unexpected}\n"
-                         f"  misshapen ({len(misshapen)}): {misshapen}")
+        raise WeightsError(f"the weights do not match omniclip.CLIP: missing ({len(missing)}): "
+                           f"{missing}; unexpected ({len(unexpected)}): {unexpected}; "
+                           f"misshapen ({len(misshapen)}): {misshapen}")
     module.load_state_dict(state_dict, strict=True)
 
 

@@ -1,16 +1,27 @@
 """Evaluate, inspect and benchmark OmniCLIP: the paper's Sec. 4 numbers, Figure 4, Table 2's cost.
 
-    python eval.py --checkpoint run/last.pt --dataset hmdb51 --data-root DIR --views 4x3 --json r.json
-    torchrun --nproc_per_node 8 eval.py --checkpoint ...        # each test video counted exactly once
-    python eval.py --checkpoint k400.pt --dataset ucf101 --data-root DIR --split all   # Table 6: mean ± std
-    python eval.py --model ViT-B/16 --dataset hmdb51 --data-root DIR   # CLIP's zero-shot, no training
-    python eval.py --checkpoint run/last.pt --video clip.mp4 --classes "punch,kick ball"
-    python eval.py --checkpoint run/last.pt --video clip.mp4 --attention-maps fig4.png   # Figure 4
-    python eval.py --benchmark --model ViT-B/16 --frames 8 --batch-size 1 [--device cuda --bf16]
+OmniCLIP, trained by train.py (which writes runs/<name>/checkpoint.pt):
+    python eval.py --checkpoint runs/<name>/checkpoint.pt --dataset hmdb51 --data-root DIR --views 4x3 --json r.json
+    torchrun --nproc_per_node 8 eval.py --checkpoint runs/<name>/checkpoint.pt ...   # each video counted once
+    python eval.py --checkpoint runs/<name>/checkpoint.pt --dataset ucf101 --data-root DIR --split all  # Table 6
+    python eval.py --checkpoint runs/<name>/checkpoint.pt --video clip.mp4 --window 4   # the run's own classes
+    python eval.py --checkpoint runs/<name>/checkpoint.pt --video clip.mp4 --attention-maps fig4.png  # Figure 4
+Plain CLIP averaging its frame features, untrained (the paper's "vanilla CLIP", Tables 5-7 and 10):
+    python eval.py --model ViT-B/16 --dataset hmdb51 --data-root DIR --frames 8 --views 4x3
+    python eval.py --model ViT-B/16 --video clip.mp4 --classes "punch,kick ball"
+Offline, no weights at all: --model tiny is a random tiny CLIP (its answers mean nothing, the commands run):
+    python eval.py --model tiny --video clip.mp4 --classes "punch,kick ball" --window 2
+    python eval.py --model tiny --video clip.mp4 --attention-maps fig4.png   # a random, untrained OmniCLIP
+Cost, with random weights (no download), for any variant the model options build:
+    python eval.py --benchmark --model ViT-B/16 --frames 8 --batch-size 1 [--connection cascade] [--device cuda --bf16]
 
-Scores (SPEC): softmax per view, probabilities averaged over the temporal x spatial views of a video.
-Accuracies are in percent, as in the paper's tables. Multiply-adds ("GFLOPs" in the paper) are per
-view, text tower excluded (class features are computed once), counted by torch.utils.flop_counter.
+Scores: softmax per view, then the probabilities averaged over the temporal x spatial views of a
+video. Accuracies are in percent, as in the paper's tables; over several splits, mean ± population
+standard deviation. Multiply-adds ("GFLOPs" in the paper) are per view, text tower excluded (class
+features are computed once), counted by torch.utils.flop_counter.
+Weights: a checkpoint names its CLIP, never locates it: one of OpenAI's models (from our table of URLs
+and SHA256s), "tiny" (random, rebuilt from its seed) or "local" (you give the file, --clip-weights,
+and its SHA256 must be the recorded one). Nothing else a checkpoint says reaches a loader or the network.
 """
 import argparse
 import contextlib
@@ -20,33 +31,84 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
+import av
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Subset
 
 import clip_weights as cw
 import data
 import omniclip as oc
 
-DEFAULT_TEMPLATE = "a video of {} action."       # Sec. 3.1: "A video of [CLS] action"
+# Sec. 3.1: "A video of [CLS] action". No period, as the paper writes it; CLIP's tokenizer
+# lower-cases, so "A" and "a" are the same tokens.
+DEFAULT_TEMPLATE = "a video of {} action"
 CLIP_FIELDS = tuple(oc.ARCHITECTURES["tiny"])    # the config fields that come from CLIP's weights
 RANDOM_CLIP = ("tiny", "random")                 # checkpoint "clip_weights" names with no file
+CHECKPOINT_KEYS = ("model", "config", "clip_weights")   # what every train.py checkpoint holds
+InputError, WeightsError = data.InputError, cw.WeightsError
+
+
+def one_line(error, limit=200):
+    """An exception as one short line, for messages about files that are not what they claim."""
+    return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and class features
+# Checkpoints and weights
+
+def read_checkpoint(path, needs=CHECKPOINT_KEYS):
+    """A train.py checkpoint, read with torch.load(weights_only=True): tensors and plain values
+    only, so nothing in the file runs. Every kind of bad file is one InputError naming it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{path}: a directory, not a checkpoint file (train.py writes "
+                         "runs/<name>/checkpoint.pt)")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:   # torch raises many kinds for a foreign file; all mean the same here
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:              # weights_only would have to import and call this to rebuild it
+            raise InputError(f"{path}: refused: it holds a Python object ({blocked.group(1)}) that "
+                             "would run code when loaded (torch.load weights_only=True); a "
+                             "train.py checkpoint holds only tensors and plain values") from None
+        raise InputError(f"{path}: not a torch checkpoint, or truncated ({one_line(error)})") from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: holds a {type(checkpoint).__name__}, not a train.py checkpoint")
+    missing = [key for key in needs if key not in checkpoint]
+    if missing:
+        plain = checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        raise InputError(f"{path}: {'a plain state_dict' if plain else 'a dict'} without {missing}: "
+                         "not a train.py checkpoint")
+    for key, kind in (("model", dict), ("config", dict), ("clip_weights", dict)):
+        if key in checkpoint and not isinstance(checkpoint[key], kind):
+            raise InputError(f"{path}: its {key!r} is a {type(checkpoint[key]).__name__}, "
+                             f"not a {kind.__name__}")
+    return checkpoint
+
+
+def checkpoint_config(checkpoint, path):
+    try:
+        return oc.OmniCLIPConfig(**checkpoint["config"])
+    except (TypeError, ValueError) as error:   # an unknown field (another version, a fork) or value
+        raise InputError(f"{path}: its config does not fit this omniclip.py ({one_line(error)})") from None
+
 
 def clip_sha256(clip):
     """A fingerprint of CLIP's tensors, for random CLIPs that have no file to hash
-    (the same digest as train.py's clip_digest: names and bytes in state_dict order)."""
+    (the same digest as train.py's: names and bytes in state_dict order)."""
     h = hashlib.sha256()
     for name, tensor in clip.state_dict().items():
         h.update(name.encode())
@@ -54,49 +116,104 @@ def clip_sha256(clip):
     return h.hexdigest()
 
 
-def load_model(checkpoint_path, clip_weights=None, device="cpu"):
-    """Rebuild OmniCLIP from a train.py checkpoint: config, CLIP weights (verified against the SHA256
-    recorded at training time; a mismatch is an error), then the trained adapters (strict).
-    `clip_weights` overrides where CLIP's file is found (an offline copy), never what it must be."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    config = oc.OmniCLIPConfig(**checkpoint["config"])
-    recorded = checkpoint["clip_weights"]
-    name = clip_weights or recorded["name"]
+def clip_source(recorded, checkpoint_path, clip_weights=None):
+    """What to load as a checkpoint's frozen CLIP, decided before anything is read. A checkpoint
+    names its weights, never locates them: a name in clip_weights.MODELS is resolved through our
+    table (the download, or the cached file, is checked against the table's SHA256 before it is
+    loaded); "local" is a file only the user gives (--clip-weights), whose SHA256 must be the
+    recorded one, compared here, before it is loaded. Any other name is refused."""
+    name, sha256 = recorded.get("name"), recorded.get("sha256")
     if name in RANDOM_CLIP:
-        # A random CLIP has no file: it is rebuilt from the seed train.py drew it with
-        # (train.py: torch.manual_seed(seed), then OmniCLIP(config), whose CLIP is built first).
+        raise WeightsError(f"--clip-weights {clip_weights}: {checkpoint_path} was trained on a random "
+                           "tiny CLIP rebuilt from its seed; leave --clip-weights out")
+    if name not in cw.MODELS and name != "local":
+        raise WeightsError(f"{checkpoint_path} names its CLIP weights {name!r}: refused; a checkpoint "
+                           f"may name one of {list(cw.MODELS)}, 'tiny' or 'local' (a file you give "
+                           "with --clip-weights), never a path or a URL")
+    if name in cw.MODELS and sha256 != cw.MODEL_SHA256[name]:
+        raise WeightsError(f"{checkpoint_path} records SHA256 {sha256} for {name}, whose released "
+                           f"file has {cw.MODEL_SHA256[name]}")
+    if clip_weights is None:
+        if name == "local":
+            raise WeightsError(f"{checkpoint_path} was trained on a local CLIP file (SHA256 {sha256}):"
+                               " give that file with --clip-weights FILE")
+        return name
+    if not os.path.isfile(clip_weights):
+        raise WeightsError(f"--clip-weights {clip_weights}: not a file")
+    actual = cw.sha256_of(clip_weights)
+    if actual != sha256:
+        raise WeightsError(f"--clip-weights {clip_weights} has SHA256 {actual}, but {checkpoint_path} "
+                           f"was trained on {name!r} with SHA256 {sha256}")
+    return clip_weights
+
+
+def quietly(build, *args, **kwargs):
+    """build_omniclip lists the adapters as starting from their init: where a checkpoint
+    overwrites them all, or nothing trains them, that list would mislead."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build(*args, **kwargs)
+
+
+def random_tiny(config, seed, omniclip=True):
+    """A random CLIP (and OmniCLIP) as train.py draws it: torch.manual_seed(seed), then
+    OmniCLIP(config), whose CLIP is built first. The caller's generator is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return oc.OmniCLIP(config) if omniclip else oc.FrameAverageCLIP(oc.CLIP(config))
+
+
+def load_model(checkpoint_path, clip_weights=None, device="cpu"):
+    """Rebuild OmniCLIP from a train.py checkpoint: config, frozen CLIP (clip_source: named, never
+    located, by the checkpoint; its SHA256 checked), then the trained adapters, strictly.
+    `clip_weights` is the user's own copy of the recorded file (offline machines, "local")."""
+    checkpoint = read_checkpoint(checkpoint_path)
+    config = checkpoint_config(checkpoint, checkpoint_path)
+    recorded = checkpoint["clip_weights"]
+    if recorded.get("name") in RANDOM_CLIP and clip_weights is None:
         seed = recorded.get("seed", checkpoint.get("args", {}).get("seed", 0))
-        with torch.random.fork_rng(devices=[]):     # leave the caller's generator alone
-            torch.manual_seed(seed)
-            model = oc.OmniCLIP(config)
-        sha256 = clip_sha256(model.clip)
+        model = random_tiny(config, seed)
+        if recorded.get("sha256") != clip_sha256(model.clip):
+            raise WeightsError(f"{checkpoint_path}: the random CLIP rebuilt from seed {seed} has SHA256 "
+                               f"{clip_sha256(model.clip)}, not the recorded {recorded.get('sha256')}")
     else:
-        path = cw.resolve_weights(name)
-        sha256 = cw.sha256_of(path)
+        state = cw.load_state_dict(clip_source(recorded, checkpoint_path, clip_weights))
         options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                    if f.name not in CLIP_FIELDS}
-        # build_omniclip lists the adapters as starting from their init: here the checkpoint
-        # overwrites them all (strictly, below), so that list would mislead
-        with contextlib.redirect_stdout(io.StringIO()):
-            model = cw.build_omniclip(cw.load_state_dict(path), **options)
+        model = quietly(cw.build_omniclip, state, **options)
         built = {k: getattr(model.config, k) for k in CLIP_FIELDS}
         trained = {k: getattr(config, k) for k in CLIP_FIELDS}
         if built != trained:
-            raise ValueError(f"{path} is a CLIP of architecture {built}; "
-                             f"{checkpoint_path} was trained on {trained}")
-    if recorded.get("sha256") is None:
-        print(f"warning: {checkpoint_path} records no SHA256 for its CLIP weights; not verified")
-    elif sha256 != recorded["sha256"]:
-        raise ValueError(f"CLIP weights {name!r} have SHA256 {sha256}, but {checkpoint_path} was "
-                         f"trained on {recorded['name']!r} with SHA256 {recorded['sha256']}")
-    model.load_trainable_state_dict(checkpoint["model"])
+            raise InputError(f"{checkpoint_path} was trained on a CLIP of architecture {trained}; "
+                             f"its weights build {built}")
+    adapter = model.adapter_name()
+    if checkpoint.get("adapter", adapter) != adapter:    # older checkpoints record none: accepted
+        raise InputError(f"{checkpoint_path} was trained with the temporal adapter "
+                         f"{checkpoint['adapter']!r}; this omniclip.py builds {adapter!r}")
+    try:
+        model.load_trainable_state_dict(checkpoint["model"])
+    except (ValueError, KeyError) as error:
+        raise InputError(f"{checkpoint_path}: its trained tensors do not fit the model its config "
+                         f"builds ({one_line(error)})") from None
     return model.to(device).eval(), checkpoint
 
 
-def load_zero_shot_clip(name_or_path, device="cpu"):
-    """OpenAI's CLIP averaging its frame features: what an untrained OmniCLIP computes with SPG
-    off (SPEC: identity at init), without the adapters' cost, and for any number of frames."""
-    return oc.FrameAverageCLIP(cw.build_clip(cw.load_state_dict(name_or_path))).to(device).eval()
+def load_untrained(model_name, clip_weights, frames, options=None, omniclip=False, device="cpu"):
+    """No checkpoint: OpenAI's CLIP (or a random tiny one, seed 0) averaging its frame features,
+    what the paper calls vanilla CLIP; with omniclip=True (attention maps), an untrained OmniCLIP
+    on that CLIP, its adapters at their initialisation. Returns (model, one-line description)."""
+    options = dict(options or {}, frames=frames)
+    if clip_weights is None and model_name == "tiny":
+        config = oc.OmniCLIPConfig(**oc.ARCHITECTURES["tiny"], **options)
+        model = random_tiny(config, seed=0, omniclip=omniclip)
+        clip = "a RANDOM tiny CLIP (seed 0, no weights: the output shows the pipeline runs, its answers mean nothing)"
+    else:
+        state = cw.load_state_dict(clip_weights or model_name)
+        model = (quietly(cw.build_omniclip, state, **options) if omniclip
+                 else oc.FrameAverageCLIP(cw.build_clip(state)))
+        clip = f"CLIP {clip_weights or model_name}"
+    what = ("an untrained OmniCLIP (adapters at their initialisation) on " if omniclip
+            else "plain CLIP averaging its frame features (no OmniCLIP adapters, zero-shot): ")
+    return model.to(device).eval(), what + clip
 
 
 def input_size(model):
@@ -111,8 +228,11 @@ def text_features(model, class_names, template, device):
     """(C, E) class features: template + frozen text tower, computed once per class list."""
     model = getattr(model, "module", model)
     encode = getattr(model, "encode_classes", model.clip.encode_text)
-    tokens = cw.tokenize([template.format(name) for name in class_names]).to(device)
-    return encode(tokens)
+    try:
+        tokens = cw.tokenize([template.format(name) for name in class_names])
+    except RuntimeError as error:            # more than CLIP's 77 tokens
+        raise InputError(f"class text: {error}") from None
+    return encode(tokens.to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,9 +315,15 @@ def evaluate(model, dataset, class_features, device, batch_size, distributed=Fal
     return report
 
 
+def mean_std(values):
+    """Mean ± standard deviation over the test splits. Paper is silent on which deviation; we take
+    the population one (numpy's np.std default, divide by n): the three splits are all there is."""
+    return statistics.mean(values), statistics.pstdev(values)
+
+
 def evaluate_splits(model, args, frames, size, template, device, distributed, splits):
     """One test split per report; over several splits (zero-shot, Table 6) the mean and the
-    population standard deviation of top-1 and top-5."""
+    population standard deviation of top-1 and top-5, and the confusion matrices summed."""
     reports = {}
     for split in splits:
         samples, class_names = data.load_dataset(args.dataset, args.data_root, split, "test")
@@ -207,19 +333,20 @@ def evaluate_splits(model, args, frames, size, template, device, distributed, sp
         reports[split] = evaluate(model, dataset, features, device, args.batch_size, distributed,
                                   args.num_workers, class_names, args.autocast_dtype)
         reports[split].update(dataset=args.dataset, split=split, views="x".join(map(str, args.views)),
-                              frames=frames, template=template)
+                              frames=frames, template=template, class_names=class_names)
     if len(splits) == 1:
         return reports[splits[0]]
     out = dict(dataset=args.dataset, splits={str(s): r for s, r in reports.items()})
     for key in ("top1", "top5"):
-        values = [r[key] for r in reports.values()]
-        out[key + "_mean"], out[key + "_std"] = statistics.mean(values), statistics.pstdev(values)
+        out[key + "_mean"], out[key + "_std"] = mean_std([r[key] for r in reports.values()])
     out["std"] = "population standard deviation over splits"
+    out["confusion"] = np.sum([r["confusion"] for r in reports.values()], axis=0).tolist()
+    out["class_names"] = reports[splits[0]]["class_names"]
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom videos and attention maps (Figure 4)
+# Your own video: the whole video, and one answer per window of a long one
 
 def load_video(path, frames, size, views=(1, 1)):
     """One file -> (V, T, 3, S, S), decoded and cropped exactly as the test set is."""
@@ -228,13 +355,100 @@ def load_video(path, frames, size, views=(1, 1)):
     return video[None] if video.dim() == 4 else video
 
 
+def frame_rate(path):
+    """Frames per second from the container's header (a file that is not a video fails first)."""
+    data.count_frames(path)
+    with av.open(path) as container:
+        rate = container.streams.video[0].average_rate
+    if not rate:
+        raise data.VideoError(f"{path}: no frame rate in its header, which --window needs")
+    return float(rate)
+
+
+def load_windows(path, seconds, frames, size, spatial_views=1):
+    """A long video cut into windows of `seconds` (the last one may be shorter), T frames from the
+    segment centres of each, all decoded in one pass: [(start s, end s, (V_s, T, 3, S, S))]."""
+    fps, bounds = frame_rate(path), []
+
+    def choose(num_frames):
+        step = max(1, round(seconds * fps))
+        bounds.extend((a, min(a + step, num_frames)) for a in range(0, num_frames, step))
+        return [a + i for a, b in bounds for i in data.segment_indices(b - a, frames, 0.5)]
+    clip = torch.from_numpy(data.read_frames(path, choose))             # (W·T, H, W, 3)
+    return [(a / fps, b / fps, data.eval_transform(clip[w * frames:(w + 1) * frames], size, spatial_views))
+            for w, (a, b) in enumerate(bounds)]
+
+
 @torch.no_grad()
-def predict(model, video, class_names, template, device):
+def predict(model, video, class_names, template, device, features=None):
     """Ranked [(class name, probability)] for one (V, T, 3, S, S) video."""
-    features = text_features(model, class_names, template, device)
+    if features is None:
+        features = text_features(model, class_names, template, device)
     probs = view_probabilities(model, video[None].to(device), features)[0]   # (C,)
     order = probs.argsort(descending=True).tolist()
     return [(class_names[i], float(probs[i])) for i in order]
+
+
+def run_video(model, args, classes, frames, template, device):
+    """--video: the ranked classes of the whole video; with --window, first one line per window."""
+    size, report = input_size(model), dict(video=args.video, views="x".join(map(str, args.views)))
+    features = text_features(model, classes, template, device)
+    if args.window:
+        print(f"windows of {args.window:g} s: start-end, top class, its probability")
+        report["windows"] = []
+        for start, end, views in load_windows(args.video, args.window, frames, size, args.views[1]):
+            name, prob = predict(model, views, classes, template, device, features)[0]
+            report["windows"].append(dict(start_s=round(start, 3), end_s=round(end, 3), top=name,
+                                          probability=prob))
+            print(f"{start:8.1f}-{end:6.1f} s  {prob:.6f}  {name}")
+        print(f"whole video ({frames} frames over its length, {report['views']} views):")
+    ranked = predict(model, load_video(args.video, frames, size, args.views), classes, template,
+                     device, features)
+    for i, (name, prob) in enumerate(ranked, 1):
+        print(f"{i:4d}  {prob:.6f}  {name}")
+    report["ranking"] = ranked
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures (Pillow only): Figure 4's attention maps, the confusion matrix, training curves
+
+FONT = ImageFont.load_default(size=14)    # Pillow's own font: no font file to find
+INK, PAPER = (0, 0, 0), (255, 255, 255)
+MIN_TILE = 160                            # attention tiles are upscaled to at least this many pixels
+LABEL_WIDTH, TITLE_HEIGHT, BAR_WIDTH = 96, 30, 70
+
+
+def heat_colors(a):
+    """A jet-like colour map in plain numpy: [0, 1] -> uint8 RGB, dark blue (0) to dark red (1)."""
+    rgb = [np.clip(1.5 - np.abs(4 * a - c), 0, 1) for c in (3, 2, 1)]
+    return (np.stack(rgb, axis=-1) * 255).astype(np.uint8)
+
+
+def scale_bar(draw, x, top, bottom, colors, high, low):
+    """A vertical colour scale, `colors(1)` at the top to `colors(0)` at the bottom, labelled."""
+    for y in range(top, bottom):
+        draw.line([(x, y), (x + 15, y)], fill=tuple(int(v) for v in colors((bottom - 1 - y) / (bottom - 1 - top))))
+    draw.text((x + 19, top), high, fill=INK, font=FONT)
+    draw.text((x + 19, bottom - 16), low, fill=INK, font=FONT)
+
+
+def write_atomically(path, write, suffix):
+    """write(temporary path), then rename it to `path`: a reader never sees half a file, and an
+    interrupted run leaves the old file as it was."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)                 # mkstemp makes it private; a report is not
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_image(image, path):
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), ".png")
 
 
 def last_layer_cls_attention(clip, forward, num_patches):
@@ -259,17 +473,12 @@ def last_layer_cls_attention(clip, forward, num_patches):
     return weights.mean(dim=1)[:, 0, 1:1 + num_patches]                 # (B·T, K)
 
 
-def heat_colors(a):
-    """A jet-like colour map in plain numpy: (S, S) in [0, 1] -> (S, S, 3) uint8."""
-    rgb = [np.clip(1.5 - np.abs(4 * a - c), 0, 1) for c in (3, 2, 1)]
-    return (np.stack(rgb, axis=-1) * 255).astype(np.uint8)
-
-
 @torch.no_grad()
-def attention_maps(model, video):
-    """Figure 4 for one (T, 3, S, S) clip: a T x 3 grid of S x S tiles, sampled frames (row 1),
-    the last layer's class-token attention of plain CLIP (row 2) and of OmniCLIP (row 3), each
-    map min-max normalised per frame. Returns (PIL image, CLIP maps, OmniCLIP maps), maps (T, g, g)."""
+def attention_maps(model, video, title=""):
+    """Figure 4 for one (T, 3, S, S) clip: rows of T tiles, labelled: the sampled frames, the last
+    layer's class-token attention of plain CLIP, then of OmniCLIP, each map min-max normalised per
+    frame and drawn over its frame; a title (the predicted class) and a colour scale.
+    Returns (PIL image, CLIP maps, OmniCLIP maps), maps (T, g, g)."""
     model = getattr(model, "module", model)
     T, _, S, _ = video.shape
     g = model.config.grid
@@ -280,17 +489,119 @@ def attention_maps(model, video):
     mean = torch.tensor(data.CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(data.CLIP_STD).view(3, 1, 1)
     frames = ((video.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
-    canvas = Image.new("RGB", (T * S, 3 * S))
+    tile = S * math.ceil(MIN_TILE / S)                  # an integer upscale: 64 px -> 192 px
+    canvas = Image.new("RGB", (LABEL_WIDTH + T * tile + BAR_WIDTH, TITLE_HEIGHT + 3 * tile), PAPER)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 8), title, fill=INK, font=FONT)
+    for row, label in enumerate(("frames", "CLIP", "OmniCLIP")):
+        draw.text((6, TITLE_HEIGHT + row * tile + tile // 2 - 8), label, fill=INK, font=FONT)
     for t in range(T):
-        frame = Image.fromarray(frames[t])
-        canvas.paste(frame, (t * S, 0))
+        frame = Image.fromarray(frames[t]).resize((tile, tile), Image.BILINEAR)
+        canvas.paste(frame, (LABEL_WIDTH + t * tile, TITLE_HEIGHT))
         for row, maps in ((1, clip_maps), (2, omni_maps)):
             a = maps[t] - maps[t].min()
             a = (a / a.max().clamp_min(1e-12)).numpy().astype(np.float32)   # (g, g) in [0, 1]
-            up = np.asarray(Image.fromarray(a).resize((S, S), Image.BILINEAR))
+            up = np.asarray(Image.fromarray(a).resize((tile, tile), Image.BILINEAR))
             heat = Image.fromarray(heat_colors(np.clip(up, 0, 1)))
-            canvas.paste(Image.blend(frame, heat, 0.5), (t * S, row * S))
+            canvas.paste(Image.blend(frame, heat, 0.5), (LABEL_WIDTH + t * tile, TITLE_HEIGHT + row * tile))
+    scale_bar(draw, LABEL_WIDTH + T * tile + 8, TITLE_HEIGHT + tile, TITLE_HEIGHT + 3 * tile,
+              heat_colors, "max", "min")
     return canvas, clip_maps, omni_maps
+
+
+def confusion_colors(share):
+    """White (no video of the row) to dark blue (every video of the row), linear."""
+    share = np.asarray(share, dtype=np.float64)[..., None]
+    return np.round(255 + share * (np.array([8, 48, 107]) - 255)).astype(np.uint8)
+
+
+def confusion_image(confusion, class_names=None, title="confusion matrix"):
+    """Rows: true class, columns: predicted; a cell's colour is its share of the row (that class's
+    recall on the diagonal). Rows are labelled "index name" for up to 30 classes, by index beyond.
+    Returns (image, (left, top, cell)): the grid's corner and cell size in pixels."""
+    counts = np.asarray(confusion, dtype=np.float64)
+    C = len(counts)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cell = int(min(40, max(4, 640 // C)))
+    names = [f"{i} {n}" if class_names and C <= 30 else str(i) for i, n in
+             enumerate(class_names or [""] * C)]
+    left, top = 12 + max(int(FONT.getlength(n)) for n in names), 70
+    heading = f"{title}: rows true class, columns predicted, colour = share of the row ({int(counts.sum())} videos)"
+    image = Image.new("RGB", (max(left + C * cell + BAR_WIDTH + 10, int(FONT.getlength(heading)) + 12),
+                              top + C * cell + 10), PAPER)
+    draw = ImageDraw.Draw(image)
+    draw.text((6, 6), heading, fill=INK, font=FONT)
+    draw.text((left, 28), "predicted", fill=INK, font=FONT)
+    every = 1 if cell >= 16 else 10                      # label every row/column, or every tenth
+    colors = confusion_colors(share)                                      # (C, C, 3)
+    for i in range(C):
+        if i % every == 0:
+            draw.text((6, top + i * cell + cell // 2 - 8), names[i], fill=INK, font=FONT)
+            draw.text((left + i * cell + 2, 48), str(i), fill=INK, font=FONT)
+        for j in range(C):
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=tuple(int(v) for v in colors[i, j]))
+    draw.rectangle([left - 1, top - 1, left + C * cell, top + C * cell], outline=(160, 160, 160))
+    scale_bar(draw, left + C * cell + 10, top, top + C * cell, confusion_colors, "100%", "0%")
+    return image, (left, top, cell)
+
+
+def read_log(path):
+    """train.py's log.jsonl: step lines, epoch lines (they carry elapsed_s) and a test line."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise InputError(f"{path}:{number}: not a JSON line") from None
+    return records
+
+
+def plot_curves(log_jsonl_path, png_path):
+    """Training loss and accuracy over optimizer steps from train.py's log, as a PNG: step lines
+    if the log has any, else the epoch lines; the test accuracy, if logged, as a dashed line.
+    Returns each panel's box and axis ranges (what a reader of the pixels needs)."""
+    records = read_log(log_jsonl_path)
+    steps = [r for r in records if "loss" in r and "step" in r and "elapsed_s" not in r]
+    points = steps or [r for r in records if "loss" in r and "step" in r]
+    if not points:
+        raise InputError(f"{log_jsonl_path}: no line with a step and a loss to plot")
+    test = next((r["test_top1"] for r in reversed(records) if "test_top1" in r), None)
+    x = [r["step"] for r in points]
+    width, height, margin = 420, 260, 56
+    image = Image.new("RGB", (2 * (width + 2 * margin), height + 2 * margin), PAPER)
+    draw = ImageDraw.Draw(image)
+    panels = {}
+    for n, (key, label, color, y_max) in enumerate((
+            ("loss", "training loss", (31, 119, 180), max(r["loss"] for r in points) or 1.0),
+            ("train_top1", "accuracy % (train; test dashed)", (214, 39, 40), 100.0))):
+        x0, y0 = n * (width + 2 * margin) + margin, margin
+        box = (x0, y0, x0 + width, y0 + height)
+        x_range, y_range = (min(x), max(max(x), min(x) + 1)), (0.0, float(y_max))
+        panels[key] = dict(box=box, x=x_range, y=y_range)
+
+        def at(step, value):
+            return (x0 + (step - x_range[0]) / (x_range[1] - x_range[0]) * width,
+                    y0 + height - (value - y_range[0]) / (y_range[1] - y_range[0]) * height)
+        draw.rectangle(box, outline=INK)
+        draw.text((x0, 8), label, fill=INK, font=FONT)
+        draw.text((x0 - 6, y0 + height + 6), f"step {x_range[0]}", fill=INK, font=FONT)
+        draw.text((x0 + width - 70, y0 + height + 6), f"step {x_range[1]}", fill=INK, font=FONT)
+        draw.text((x0 - margin + 4, y0 - 8), f"{y_range[1]:.3g}", fill=INK, font=FONT)
+        draw.text((x0 - margin + 4, y0 + height - 8), "0", fill=INK, font=FONT)
+        line = [at(r["step"], r[key]) for r in points if key in r]
+        if len(line) > 1:
+            draw.line(line, fill=color, width=3)
+        elif line:                        # one logged point: a dot
+            draw.ellipse([line[0][0] - 3, line[0][1] - 3, line[0][0] + 3, line[0][1] + 3], fill=color)
+        if key == "train_top1" and test is not None:
+            y = at(x_range[0], test)[1]
+            for xs in range(x0, x0 + width, 12):
+                draw.line([(xs, y), (xs + 6, y)], fill=(44, 160, 44), width=2)
+    save_image(image, png_path)
+    return panels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,10 +615,11 @@ BASELINE_TRAINING = ("baseline training step = ViFi-CLIP's full fine-tuning of C
 
 
 def benchmark_models(args, device, which=("omniclip", "baseline")):
-    """Random weights (no download). The baseline is FrameAverageCLIP on its own copy of the same
-    random CLIP (same seed), whose image tower trains. Each entry: (model, trainable parameters)."""
+    """Random weights (no download). OmniCLIP is the variant the model options build; the baseline
+    is FrameAverageCLIP on its own copy of the same random CLIP (same seed), whose image tower
+    trains. Each entry: (model, trainable parameters)."""
     config = oc.OmniCLIPConfig(**oc.ARCHITECTURES[args.model], frames=args.frames,
-                               gradient_checkpointing=args.grad_checkpointing)
+                               gradient_checkpointing=args.grad_checkpointing, **model_options(args))
     models = {}
     if "omniclip" in which:
         torch.manual_seed(0)
@@ -351,6 +663,13 @@ def benchmark_steps(model, params, videos, targets, class_features, args, compil
     return infer, train
 
 
+def first_adapter(model):
+    """The temporal adapter module of the first adapted block, or None: the analytic count names
+    its part after the adapter's class, so a fork's benchmark names its own adapter."""
+    name = model.adapter_name()
+    return None if name is None else next(m for m in model.modules() if type(m).__name__ == name)
+
+
 def view_macs(model, class_features):
     """Multiply-adds per view (one clip of T frames) of OmniCLIP and of the frame-average CLIP
     baseline on the same CLIP: counted on the real forward, and from omniclip's analytic formula."""
@@ -361,7 +680,7 @@ def view_macs(model, class_features):
     counted = oc.count_macs(model.eval(), view, class_features)
     baseline = oc.count_macs(oc.FrameAverageCLIP(model.clip), view, class_features)
     model.train(was_training)
-    analytic = oc.analytic_macs(config, C)
+    analytic = oc.analytic_macs(config, C, adapter=first_adapter(model))
     return dict(macs_per_view=counted, analytic_macs_per_view=analytic["total"], analytic_macs=analytic,
                 macs_gap_vs_analytic=counted / analytic["total"] - 1, baseline_macs_per_view=baseline,
                 analytic_baseline_macs_per_view=oc.analytic_baseline_macs(config, C),
@@ -429,11 +748,8 @@ def memory_probe(args):
 
 
 def measure_memory(args, which):
-    command = [sys.executable, os.path.abspath(__file__), "--benchmark", "--memory-probe", which,
-               "--model", args.model, "--frames", str(args.frames), "--batch-size",
-               str(args.batch_size), "--device", args.device, "--num-classes", str(args.num_classes)]
-    command += [flag for flag, on in (("--bf16", args.bf16), ("--compile", args.compile),
-                                      ("--grad-checkpointing", args.grad_checkpointing)) if on]
+    """The peak memory of one model, in a fresh process given this run's own flags."""
+    command = [sys.executable, os.path.abspath(__file__), *args.argv, "--memory-probe", which]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"memory probe for {which} failed:\n{out.stderr}")
@@ -489,7 +805,8 @@ def benchmark(args):
     report = dict(
         device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", torch=torch.__version__, model=args.model, frames=args.frames, batch_size=B,
-        num_classes=C, dtype="bf16 autocast" if args.bf16 else "fp32", compile=args.compile,
+        num_classes=C, options=model_options(args), adapter=omni.adapter_name(),
+        dtype="bf16 autocast" if args.bf16 else "fp32", compile=args.compile,
         grad_checkpointing=args.grad_checkpointing, warmup=args.warmup, repeats=args.repeats,
         params_total=params["total"], params_trainable=params["trainable"], params_clip=clip_params,
         trainable_percent_of_clip=100.0 * params["trainable"] / clip_params,
@@ -526,6 +843,8 @@ def print_benchmark(r):
     print(f"OmniCLIP benchmark: {r['model']}, T={r['frames']}, batch {r['batch_size']}, "
           f"{r['num_classes']} classes, {r['device_name']}, torch {r['torch']}, {r['dtype']}"
           f"{', compiled' if r['compile'] else ''}{', grad checkpointing' if r['grad_checkpointing'] else ''}")
+    print(f"variant: {', '.join(f'{k}={v}' for k, v in r['options'].items()) or 'the paper default'}"
+          f" (temporal adapter {r['adapter']}); baseline: CLIP averaging frame features")
     print(f"parameters: total {r['params_total'] / M:.2f}M, trainable {r['params_trainable'] / M:.2f}M "
           f"({r['trainable_percent_of_clip']:.2f}% of CLIP's {r['params_clip'] / M:.2f}M)")
     print("multiply-adds per view (torch.utils.flop_counter FLOPs / 2, text tower excluded):")
@@ -558,61 +877,210 @@ def print_benchmark(r):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line
+# Command line: every flag checked before any work starts, each problem one line naming the flag
+
+# The model options (omniclip.OmniCLIPConfig fields, train.py's flags): flag -> (field, value);
+# a value of None takes the flag's own value. Flags left out keep the config's (the paper's) default.
+MODEL_OPTIONS = {"no_pta": ("pta", False), "pta_layers": ("pta_layers", None),
+                 "temporal_ratio": ("temporal_ratio", None), "connection": ("connection", None),
+                 "no_spg": ("spg", False), "spg_pooling": ("spg_pooling", None),
+                 "no_spg_projector": ("spg_projector", False), "spg_per_layer": ("spg_per_layer", True),
+                 "no_video_prompts": ("video_prompts", False),
+                 "prompt_generator": ("prompt_generator", None)}
+
+
+def model_options(args):
+    """The OmniCLIPConfig fields the command line sets (benchmark, untrained OmniCLIP)."""
+    return {field: getattr(args, flag) if value is None else value
+            for flag, (field, value) in MODEL_OPTIONS.items() if getattr(args, flag) is not None}
+
 
 def parse_views(text):
-    temporal, spatial = (int(v) for v in text.lower().split("x"))
-    return temporal, spatial
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or int(match[1]) < 1 or int(match[2]) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TEMPORALxSPATIAL, temporal at least 1 "
+                                         "and spatial 1 or 3 (the paper: 4x3 supervised, 1x1 few-/zero-shot)")
+    return int(match[1]), int(match[2])
+
+
+def parse_split(text):
+    if text not in ("1", "2", "3", "all"):
+        raise argparse.ArgumentTypeError(f"{text!r}: one of 1, 2, 3, all")
+    return text if text == "all" else int(text)
+
+
+def at_least(minimum):
+    """An argparse type: an integer of at least `minimum`."""
+    def parse(text):
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", text) or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: an integer, at least {minimum}")
+        return int(text)
+    return parse
+
+
+def positive(text):
+    """An argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number above 0")
+    return value
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: {'a directory' if os.path.isdir(text) else 'no such file'}")
+    return text
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):     # one line, no usage block: the flag, what is wrong, what is accepted
+        self.exit(2, f"error: {message} (python eval.py --help)\n")
+
+
+def build_parser():
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", type=existing_file, help="a train.py checkpoint, runs/<name>/checkpoint.pt: "
+      "OmniCLIP as trained (its config, classes, template and test views are the defaults here)")
+    a("--model", choices=list(oc.ARCHITECTURES), help="without --checkpoint: OpenAI's CLIP by name "
+      "(ViT-B/16 is the paper's), downloaded once and SHA256-checked, evaluated as plain CLIP "
+      "averaging frame features; 'tiny': a random tiny CLIP, no download (tries every command "
+      "offline; its answers mean nothing). With --benchmark: the architecture, random weights")
+    a("--clip-weights", type=existing_file, help="a local OpenAI CLIP file, for offline machines: "
+      "with --checkpoint, the file it was trained on (its SHA256 is compared with the recorded one "
+      "before loading); without, the plain CLIP to evaluate")
+    a("--dataset", choices=list(data.DATASETS), help="dataset layout, as its distribution ships it")
+    a("--data-root", help="the dataset's folder")
+    a("--split", type=parse_split, default=1, help="test split 1, 2 or 3 (HMDB51/UCF101), or 'all': "
+      "splits 1-3, mean ± std (Table 6). Default 1")
+    a("--zero-shot-splits", action="store_true", help="the same as --split all")
+    a("--views", type=parse_views, help="TEMPORALxSPATIAL test views, softmax per view then averaged; "
+      "the paper: 4x3 supervised, 1x1 few-/zero-shot (default: the checkpoint's, else 1x1)")
+    a("--frames", type=at_least(1), help="T frames per view (default: the checkpoint's; else 8, "
+      "the paper's supervised T)")
+    a("--template", help=f"class prompt with one {{}} for the class name (default: the checkpoint's, "
+      f"else the paper's {DEFAULT_TEMPLATE!r})")
+    a("--batch-size", type=at_least(1), help="videos per forward (default 8; benchmark: clips, 1)")
+    a("--num-workers", type=at_least(0), default=4, help="data loader processes (default 4)")
+    a("--stop-on-error", action="store_true",
+      help="stop at the first video that does not decode (default: skip it, count it, name it)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu or cuda[:N] (default: cuda when there is one)")
+    a("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    a("--json", help="write the report here (atomically); an evaluation also draws its confusion "
+      "matrix beside it, NAME.confusion.png")
+    a("--video", help="one video file: its classes ranked (plain CLIP with --model, OmniCLIP with "
+      "--checkpoint)")
+    a("--classes", help="comma-separated class names for --video (default: the checkpoint's)")
+    a("--classes-file", type=existing_file, help="one class name a line, for --video")
+    a("--window", type=positive, help="--video: one prediction per window of this many "
+      "seconds, then the whole video's")
+    a("--attention-maps", help="with --video: a PNG of Figure 4 (frames, CLIP's and OmniCLIP's "
+      "last-layer class-token attention, the predicted class)")
+    a("--benchmark", action="store_true", help="parameters, multiply-adds, throughput and memory of "
+      "OmniCLIP (the variant the model options build) beside frame-average CLIP; random weights")
+    a("--num-classes", type=at_least(1), default=400, help="benchmark classes (K400: 400)")
+    a("--compile", action="store_true", help="benchmark with torch.compile")
+    a("--grad-checkpointing", action="store_true", help="benchmark OmniCLIP with "
+      "gradient checkpointing (the baseline has none)")
+    a("--warmup", type=at_least(0), default=2, help="benchmark warm-up calls per step (default 2)")
+    a("--repeats", type=at_least(1), default=5, help="benchmark timed calls per step, median (default 5)")
+    a("--memory-probe", choices=["omniclip", "baseline"], help=argparse.SUPPRESS)
+    g = p.add_argument_group("model options (train.py's): the variant --benchmark builds, or the "
+                             "untrained OmniCLIP of --attention-maps without a checkpoint")
+    b = g.add_argument
+    b("--no-pta", action="store_true", default=None, help="Table 7: without the Parallel Temporal Adapter")
+    b("--pta-layers", type=int, nargs="+", help="Table 10: 0-indexed layers with a PTA (default all)")
+    b("--temporal-ratio", type=positive, help="Table 8: the PTA's bottleneck ratio (1/4)")
+    b("--connection", choices=oc.CONNECTIONS, help="Table 11: block-parallel (ours, Fig. 5(c)), "
+      "attention-parallel (5(b)), cascade (5(a), ST-Adapter's serial 3D-conv adapter)")
+    b("--no-spg", action="store_true", default=None, help="Table 7: without the Self-Prompt Generator")
+    b("--spg-pooling", choices=["avg", "max"], help="Table 9: prompt pooling (avg)")
+    b("--no-spg-projector", action="store_true", default=None, help="Table 9: pooled prompts, no projector")
+    b("--spg-per-layer", action="store_true", default=None,
+      help="prompts regenerated at every layer's input (the other reading of Sec. 3.2-3.3)")
+    b("--no-video-prompts", action="store_true", default=None,
+      help="without X-CLIP's video-specific text prompts")
+    b("--prompt-generator", choices=oc.PROMPT_GENERATORS,
+      help="video-specific prompts: ours (default) or X-CLIP's released computation")
+    return p
+
+
+def class_list(args, p):
+    """--classes / --classes-file, checked (empty, duplicates, names that make the same prompt)."""
+    if args.classes_file:
+        with open(args.classes_file) as f:
+            names, where = [line.strip() for line in f if line.strip()], args.classes_file
+    elif args.classes is not None:
+        names, where = [name.strip() for name in args.classes.split(",") if name.strip()], "--classes"
+    else:
+        return None
+    try:
+        data.check_class_names(names, where)
+    except InputError as error:
+        p.error(str(error))
+    return names
+
+
+def check_flags(args, p):
+    """What argparse's types cannot see alone: combinations, files and folders."""
+    if args.benchmark:
+        if args.clip_weights or args.checkpoint or args.video or args.dataset:
+            p.error("--benchmark builds random weights for --model: no --checkpoint, --clip-weights, "
+                    "--video or --dataset")
+    elif not (args.checkpoint or args.model or args.clip_weights):
+        p.error("give --checkpoint (OmniCLIP), or --model / --clip-weights (plain CLIP)")
+    elif args.checkpoint and (args.model or model_options(args)):
+        p.error("--checkpoint brings its own CLIP and config: drop --model and the model options")
+    elif bool(args.video) == bool(args.dataset):
+        p.error("give either --video FILE or --dataset with --data-root")
+    if args.dataset and not (args.data_root and os.path.isdir(args.data_root)):
+        p.error(f"--data-root {args.data_root}: not a folder (the README's dataset table shows each layout)")
+    if args.zero_shot_splits:
+        args.split = "all"
+    if args.split == "all" and args.dataset not in ("hmdb51", "ucf101"):
+        p.error(f"--split all: only hmdb51 and ucf101 have three test splits, not {args.dataset}")
+    if args.video:
+        try:
+            data.count_frames(args.video)        # a picture or a text file is refused here
+        except data.VideoError as error:
+            p.error(f"--video {error}")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            p.error("--video runs in one process, not under torchrun")
+    for flag, value in (("--window", args.window), ("--attention-maps", args.attention_maps),
+                        ("--classes", args.classes), ("--classes-file", args.classes_file)):
+        if value is not None and not args.video:
+            p.error(f"{flag} goes with --video")
+    if args.attention_maps and not args.attention_maps.lower().endswith(".png"):
+        p.error(f"--attention-maps {args.attention_maps}: a .png file name")
+    for flag, path in (("--json", args.json), ("--attention-maps", args.attention_maps)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            p.error(f"{flag} {path}: its folder does not exist")
+    if args.template is not None and args.template.count("{}") != 1:
+        p.error(f"--template {args.template!r}: needs exactly one {{}} where the class name goes")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if model_options(args):
+        try:
+            oc.OmniCLIPConfig(**oc.ARCHITECTURES[args.model or "ViT-B/16"], **model_options(args))
+        except (TypeError, ValueError) as error:
+            p.error(f"model options: {error}")
+    args.class_names = class_list(args, p)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a train.py checkpoint (.pt)")
-    p.add_argument("--model", help="without --checkpoint: OpenAI CLIP name (ViT-B/16) for zero-shot "
-                   "frame-average CLIP; with --benchmark: an omniclip.ARCHITECTURES name, random weights")
-    p.add_argument("--clip-weights", help="local CLIP file: the checkpoint's weights on an offline "
-                   "machine (SHA256 still verified), or the zero-shot CLIP")
-    p.add_argument("--dataset", choices=["hmdb51", "ucf101", "k400", "ssv2", "list"])
-    p.add_argument("--data-root")
-    p.add_argument("--split", default="1", help="1, 2, 3 or 'all' (zero-shot: mean ± std over 1-3)")
-    p.add_argument("--zero-shot-splits", action="store_true", help="same as --split all (Table 6)")
-    p.add_argument("--views", type=parse_views, default=None,
-                   help="temporal x spatial views; paper: 4x3 supervised, 1x1 few-/zero-shot "
-                        "(default: the checkpoint's, else 1x1)")
-    p.add_argument("--frames", type=int, default=None, help="T (default: the checkpoint's; 8)")
-    p.add_argument("--template", default=None, help=f"class prompt (default: the checkpoint's, "
-                   f"else the paper's {DEFAULT_TEMPLATE!r})")
-    p.add_argument("--batch-size", type=int, default=None, help="videos per batch (benchmark: clips)")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--stop-on-error", action="store_true",
-                   help="stop at the first video that does not decode (default: skip, count, name it)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--video", help="one video file: ranked classes, or --attention-maps")
-    p.add_argument("--classes", help="comma-separated class names for --video")
-    p.add_argument("--classes-file", help="one class name a line, for --video")
-    p.add_argument("--attention-maps", help="PNG of Figure 4 for --video: frames, CLIP, OmniCLIP")
-    p.add_argument("--benchmark", action="store_true")
-    p.add_argument("--num-classes", type=int, default=400, help="benchmark classes (K400: 400)")
-    p.add_argument("--compile", action="store_true", help="benchmark with torch.compile")
-    p.add_argument("--grad-checkpointing", action="store_true", help="benchmark OmniCLIP with "
-                   "gradient checkpointing (the baseline has none)")
-    p.add_argument("--warmup", type=int, default=2, help="benchmark warm-up calls per step")
-    p.add_argument("--repeats", type=int, default=5, help="benchmark timed calls per step (median)")
-    p.add_argument("--memory-probe", choices=["omniclip", "baseline"], help=argparse.SUPPRESS)
+    p = build_parser()
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else map(str, argv))
     args.autocast_dtype = torch.bfloat16 if args.bf16 else None
     if args.benchmark:
-        args.model = args.model or "ViT-B/16"
-        if args.model not in oc.ARCHITECTURES:
-            p.error(f"--benchmark --model: one of {list(oc.ARCHITECTURES)} (random weights)")
-        args.frames = args.frames or 8
+        args.model, args.frames = args.model or "ViT-B/16", args.frames or 8
         args.batch_size = args.batch_size or 1
-    elif not (args.checkpoint or args.model or args.clip_weights):
-        p.error("give --checkpoint, or --model/--clip-weights for zero-shot CLIP")
-    elif not (args.video or args.dataset):
-        p.error("give --dataset and --data-root, or --video")
+    if not args.memory_probe:
+        check_flags(args, p)
     return args
 
 
@@ -627,18 +1095,40 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), torch.device(device)
 
 
-def class_list(args):
-    if args.classes_file:
-        with open(args.classes_file) as f:
-            return [line.strip() for line in f if line.strip()]
-    if args.classes:
-        return [name.strip() for name in args.classes.split(",") if name.strip()]
-    raise SystemExit("--video needs --classes or --classes-file")
-
-
 def write_json(path, report):
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+    write_atomically(path, write, ".json")
+
+
+def confusion_path(json_path):
+    return os.path.splitext(json_path)[0] + ".confusion.png"
+
+
+def build(args, device):
+    """The model to evaluate and what goes with it: frames, template, views, class names, and a
+    line that says what it is (OmniCLIP from a checkpoint, or plain CLIP)."""
+    if args.checkpoint:
+        model, checkpoint = load_model(args.checkpoint, args.clip_weights, device)
+        frames, saved = model.config.frames, checkpoint.get("args", {})
+        if args.frames not in (None, frames):
+            raise InputError(f"--frames {args.frames}: {args.checkpoint} was trained with {frames} frames")
+        views = saved.get("test_views") or saved.get("views")
+        args.views = args.views or (parse_views(views) if isinstance(views, str) else (1, 1))
+        about = (f"OmniCLIP from {args.checkpoint} (step {checkpoint.get('step')}, CLIP "
+                 f"{checkpoint['clip_weights']['name']!r} verified, adapter {model.adapter_name()})")
+        return model, dict(frames=frames, about=about, short=f"OmniCLIP {args.checkpoint}",
+                           classes=checkpoint.get("class_names") or None,
+                           template=args.template or checkpoint.get("template") or DEFAULT_TEMPLATE)
+    frames = args.frames or 8
+    model, about = load_untrained(args.model, args.clip_weights, frames, model_options(args),
+                                  omniclip=bool(args.attention_maps), device=device)
+    args.views = args.views or (1, 1)
+    short = (f"untrained OmniCLIP on {'a random tiny CLIP' if about.count('RANDOM') else 'CLIP'}"
+             if args.attention_maps else about)
+    return model, dict(frames=frames, about=about, short=short, classes=None,
+                       template=args.template or DEFAULT_TEMPLATE)
 
 
 def main(argv=None):
@@ -652,52 +1142,50 @@ def main(argv=None):
         return report
     rank, world, device = setup_distributed(args.device)
     try:
-        if world > 1 and (args.video or args.attention_maps):
-            raise SystemExit("--video and --attention-maps run in one process, not under torchrun")
-        if args.checkpoint:
-            model, checkpoint = load_model(args.checkpoint, args.clip_weights, device)
-            if rank == 0:
-                print(f"{args.checkpoint}: step {checkpoint.get('step')}, CLIP "
-                      f"{checkpoint['clip_weights']['name']!r} verified, "
-                      f"{len(checkpoint['model'])} trained adapter tensors loaded")
-            frames, saved = model.config.frames, checkpoint.get("args", {})
-            if args.frames not in (None, frames):
-                raise SystemExit(f"{args.checkpoint} was trained with {frames} frames, not {args.frames}")
-            template = args.template or checkpoint.get("template") or DEFAULT_TEMPLATE
-            views = saved.get("test_views") or saved.get("views")
-            args.views = args.views or (parse_views(views) if isinstance(views, str) else (1, 1))
-        else:
-            model = load_zero_shot_clip(args.clip_weights or args.model, device)
-            frames, template = args.frames or 8, args.template or DEFAULT_TEMPLATE
-            args.views = args.views or (1, 1)
-        size = input_size(model)
+        model, run = build(args, device)
+        if rank == 0:
+            print(f"model: {run['about']}")
         args.batch_size = args.batch_size or 8
-        report = None
-        if args.video and (args.classes or args.classes_file or not args.attention_maps):
-            ranked = predict(model, load_video(args.video, frames, size, args.views),
-                             class_list(args), template, device)
-            for i, (name, prob) in enumerate(ranked, 1):
-                print(f"{i:4d}  {prob:.6f}  {name}")
-            report = dict(video=args.video, views="x".join(map(str, args.views)), ranking=ranked)
-        if args.attention_maps:
-            if not (args.video and isinstance(model, oc.OmniCLIP)):
-                raise SystemExit("--attention-maps compares CLIP with a trained OmniCLIP on one "
-                                 "video: give --checkpoint and --video")
-            image, _, _ = attention_maps(model, load_video(args.video, frames, size)[0])  # (T, 3, S, S)
-            image.save(args.attention_maps)
-            print(f"wrote {args.attention_maps}: {frames} frames x 3 rows (frames, CLIP, OmniCLIP) "
-                  f"of {size}x{size} tiles")
-        if not args.video:
-            splits = [1, 2, 3] if args.zero_shot_splits or args.split == "all" else [int(args.split)]
-            report = evaluate_splits(model, args, frames, size, template, device, world > 1, splits)
+        if args.video:
+            report = video_main(model, args, run, device)
+        else:
+            splits = [1, 2, 3] if args.split == "all" else [args.split]
+            report = evaluate_splits(model, args, run["frames"], input_size(model), run["template"],
+                                     device, world > 1, splits)
             if rank == 0:
                 print_report(report)
-        if rank == 0 and args.json and report is not None:
+        report["model"] = run["about"]
+        if rank == 0 and args.json:
             write_json(args.json, report)
+            if "confusion" in report:
+                image, _ = confusion_image(report["confusion"], report.get("class_names"),
+                                           f"{report.get('dataset')} confusion matrix")
+                save_image(image, confusion_path(args.json))
+                print(f"wrote {args.json} and {confusion_path(args.json)}")
         return report
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def video_main(model, args, run, device):
+    """--video: ranked classes (and windows), and/or Figure 4's attention maps."""
+    classes = args.class_names or run["classes"]
+    if classes is None and not args.attention_maps:
+        raise InputError("--video needs --classes or --classes-file (a checkpoint brings its own)")
+    report = dict(video=args.video)
+    if classes:
+        report = run_video(model, args, classes, run["frames"], run["template"], device)
+    if args.attention_maps:
+        video = load_video(args.video, run["frames"], input_size(model))[0]          # (T, 3, S, S)
+        title = "no class names given: nothing predicted"
+        if classes:
+            name, prob = predict(model, video[None], classes, run["template"], device)[0]
+            title = f"predicted: {name} ({100 * prob:.1f}%)"
+        image, _, _ = attention_maps(model, video, f"{title}; {run['short']}")
+        save_image(image, args.attention_maps)
+        print(f"wrote {args.attention_maps}: rows frames, CLIP, OmniCLIP; {title}")
+    return report
 
 
 def print_report(report):
@@ -706,7 +1194,8 @@ def print_report(report):
             print(f"split {split}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}% "
                   f"({r['num_evaluated']} of {r['num_videos']} videos)")
         print(f"{report['dataset']}: top-1 {report['top1_mean']:.2f} ± {report['top1_std']:.2f}%, "
-              f"top-5 {report['top5_mean']:.2f} ± {report['top5_std']:.2f}% over {len(report['splits'])} splits")
+              f"top-5 {report['top5_mean']:.2f} ± {report['top5_std']:.2f}% over {len(report['splits'])} "
+              "splits (population std)")
         return
     print(f"{report['dataset']} split {report['split']}, {report['views']} views x {report['frames']} frames: "
           f"top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%")
@@ -719,5 +1208,6 @@ def print_report(report):
 if __name__ == "__main__":
     try:
         main()
-    except (data.VideoError, FileNotFoundError) as error:  # bad input: the message, no traceback
-        sys.exit(f"error: {error}")
+    except (data.InputError, cw.WeightsError) as error:   # bad input: the message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

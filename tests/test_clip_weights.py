@@ -4,6 +4,8 @@ No network: downloads are file:// URLs or a stand-in fetch."""
 import hashlib
 import os
 import random
+import re
+import urllib.error
 import warnings
 
 import pytest
@@ -172,6 +174,24 @@ def test_tokenizer_gives_openai_ids(openai_tokenizer):
     assert torch.equal(cw.tokenize(texts, truncate=True), reference_tokenize(reference, texts))
 
 
+def test_tokenizer_fits_exactly_75_tokens_between_start_and_end(openai_tokenizer):
+    """77 positions: START, at most 75 tokens of text, END. The 76th token is refused, or cut."""
+    reference = openai_tokenizer.SimpleTokenizer()
+    for words, pad in ((["go"] * 75, ""), (["brush", "hair"] * 37 + ["go"], "  ")):
+        text = pad + " ".join(words)
+        ids = reference.encode(text)
+        assert len(ids) == 75
+        row = cw.tokenize(text)[0].tolist()
+        assert row == [49406] + ids + [49407]                # all 77 used, no padding left
+        longer = text + " go"
+        with pytest.raises(RuntimeError, match="text of 78 tokens is too long for context length 77"):
+            cw.tokenize(longer)
+        cut = cw.tokenize(longer, truncate=True)[0].tolist()
+        assert cut == [49406] + reference.encode(longer)[:75] + [49407]
+    shorter = cw.tokenize(" ".join(["go"] * 74))[0].tolist()
+    assert shorter[-1] == 0 and shorter[-2] == 49407
+
+
 def test_tokenizer_truncates_only_when_asked(openai_tokenizer):
     reference = openai_tokenizer.SimpleTokenizer()
     long_text = " ".join(varied_texts(count=60, seed=1))
@@ -226,7 +246,7 @@ def test_corrupt_download_is_refused_and_deleted(tmp_path, fetches):
     url, _ = publish(tmp_path / "server", b"what arrived", sha=wrong)
     actual = hashlib.sha256(b"what arrived").hexdigest()
     cache = tmp_path / "cache"
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(cw.WeightsError) as error:
         cw.download(url, cache_dir=str(cache))
     assert url in str(error.value) and wrong in str(error.value) and actual in str(error.value)
     assert os.listdir(cache) == []          # neither the file nor a temporary part is left
@@ -252,12 +272,37 @@ def test_model_names_download_openai_urls(tmp_path, monkeypatch):
     monkeypatch.setattr(cw, "_fetch", fake_fetch)
     monkeypatch.setenv("OMNICLIP_CACHE", str(tmp_path / "env-cache"))
     assert cw.default_cache_dir() == str(tmp_path / "env-cache")
-    with pytest.raises(RuntimeError, match="SHA256 mismatch"):
+    with pytest.raises(cw.WeightsError, match="SHA256 mismatch"):
         cw.load_state_dict("ViT-B/32")
     assert asked == [cw.MODELS["ViT-B/32"]]
     assert asked[0].startswith("https://openaipublic.azureedge.net/clip/models/")
-    with pytest.raises(FileNotFoundError, match="ViT-B/64"):
+    with pytest.raises(cw.WeightsError, match="'ViT-B/64' is not a file, nor one of"):
         cw.resolve_weights("ViT-B/64")
+
+
+def test_offline_the_failed_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(url, out):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(cw, "_fetch", offline)
+    monkeypatch.setenv("OMNICLIP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cw.WeightsError) as error:
+        cw.load_state_dict("ViT-B/16")
+    message = str(error.value)
+    sha = "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
+    for words in (cw.MODELS["ViT-B/16"], f"SHA256 {sha}", str(tmp_path / "cache" / "ViT-B-16.pt"),
+                  "--clip-weights FILE", "name resolution"):
+        assert words in message, words
+    assert "\n" not in message and os.listdir(tmp_path / "cache") == []
+
+
+def test_each_model_name_is_found_from_its_sha256():
+    for name, url in cw.MODELS.items():
+        digest = re.fullmatch(r"https://openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/[^/]+\.pt",
+                              url).group(1)
+        assert cw.MODEL_SHA256[name] == digest
+        assert cw.model_name_for_sha256(digest) == name
+    assert len(set(cw.MODEL_SHA256.values())) == len(cw.MODELS)
+    assert cw.model_name_for_sha256("0" * 64) is None and cw.model_name_for_sha256(None) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,9 +325,9 @@ def test_architecture_is_read_from_the_shapes(openai_model, name):
 
 
 def test_resnet_and_foreign_weights_are_refused(openai_model):
-    with pytest.raises(ValueError, match="ResNet"):
+    with pytest.raises(cw.WeightsError, match="ResNet"):
         cw.clip_architecture(meta_state_dict(openai_model, RESNET50))
-    with pytest.raises(ValueError, match="missing.*visual.conv1.weight"):
+    with pytest.raises(cw.WeightsError, match="missing.*visual.conv1.weight"):
         cw.clip_architecture({"fc.weight": torch.zeros(2, 2)})
 
 
@@ -295,9 +340,10 @@ def test_strict_load_lists_missing_and_unexpected_names():
     state = tiny_weights()
     del state["visual.transformer.resblocks.1.ln_2.bias"]
     state["visual.transformer.resblocks.1.adapter.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(cw.WeightsError) as error:
         cw.build_clip(state)
     message = str(error.value)
+    assert "\n" not in message
     assert "missing (1): ['visual.transformer.resblocks.1.ln_2.bias']" in message
     assert "unexpected (1): ['visual.transformer.resblocks.1.adapter.weight']" in message
 
@@ -322,12 +368,12 @@ def test_build_omniclip_loads_clip_and_names_every_new_tensor(capsys):
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, content):
     path = tmp_path / "weights.pt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="weights.pt is neither a TorchScript archive"):
+    with pytest.raises(cw.WeightsError, match="weights.pt is neither a TorchScript archive"):
         cw.load_state_dict(str(path))
 
 
 def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(2)], path)
-    with pytest.raises(ValueError, match="list.pt does not hold a state_dict"):
+    with pytest.raises(cw.WeightsError, match="list.pt does not hold a state_dict"):
         cw.load_state_dict(str(path))
