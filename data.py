@@ -4,9 +4,10 @@ the official dataset layouts, few-shot subsets and a synthetic dataset with moti
 Shape legend: T frames, H x W decoded frame, S output size, V views (temporal x spatial).
 A decoded clip is uint8 (T, H, W, 3); a model-ready clip is float32 (T, 3, S, S), CLIP-normalised.
 
-As a script it checks a dataset (the "doctor") or measures the loader:
+As a script it checks a dataset (the "doctor": every missing, damaged or shared video named) or
+writes a small synthetic one for smoke tests:
     python data.py --dataset hmdb51 --data-root DIR --split 1
-    python data.py --benchmark --frames 8 32
+    python data.py --make-synthetic DIR --classes 6 --per-class 12
 """
 import argparse
 import collections
@@ -18,7 +19,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -356,6 +356,11 @@ class VideoDataset(torch.utils.data.Dataset):
                  seed=None, flip=0.5):
         if not 0 <= flip <= 1:
             raise InputError(f"--flip {flip}: a probability, from 0 (never) to 1 (always)")
+        if frames < 1:
+            raise InputError(f"--frames {frames}: 1 or more frames per clip")
+        if views[0] < 1 or views[1] not in (1, 3):
+            raise InputError(f"--test-views {views[0]}x{views[1]}: temporal views 1 or more, "
+                             "spatial views 1 or 3")
         self.samples, self.frames, self.train, self.size = list(samples), frames, train, size
         self.views, self.skip_errors, self.seed, self.flip = tuple(views), skip_errors, seed, flip
 
@@ -438,9 +443,12 @@ def _lines(path):
 
 @contextlib.contextmanager
 def _parsing(path):
-    """A line or entry of `path` that is not in the expected form: an error naming the file."""
+    """A file that cannot be read, or a line or entry of it that is not in the expected form:
+    an error naming the file."""
     try:
         yield
+    except OSError as error:
+        raise InputError(f"{path}: cannot read it ({error.strerror or error})") from error
     except (ValueError, KeyError, IndexError, TypeError) as error:
         raise InputError(f"{path}: unexpected line or entry ({type(error).__name__}: "
                          f"{error})") from error
@@ -668,7 +676,8 @@ def write_sample_list(path, samples):
 
 
 def read_sample_list(path):
-    return [(p, int(label)) for p, label in (line.rsplit(maxsplit=1) for line in _lines(path))]
+    with _parsing(path):
+        return [(p, int(label)) for p, label in (line.rsplit(maxsplit=1) for line in _lines(path))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,6 +757,8 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
     settings = dict(num_classes=num_classes, videos_per_class=videos_per_class, frames=frames,
                     size=list(size), seed=seed, fps=fps)
     marker = os.path.join(root, "synthetic.json")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise InputError(f"{root}: a file, not a folder; nothing was written")
     if os.path.isdir(root) and os.listdir(root):
         if not os.path.isfile(marker):
             raise InputError(f"{root}: not empty and not a complete synthetic dataset "
@@ -831,49 +842,12 @@ def doctor(dataset, root, split=1, workers=None):
     return 1 if problems else 0
 
 
-def _naive_clip(path, frames, size):
-    """The pipeline we compare against: decode every frame, PIL image, PIL resize, then sample,
-    crop and normalise."""
-    from PIL import Image
-    with av.open(path) as container:
-        images = [frame.to_image() for frame in container.decode(video=0)]
-    w, h = images[0].size
-    short = round(size * 256 / 224)
-    new_size = (round(w * short / min(w, h)), round(h * short / min(w, h)))
-    images = [image.resize(new_size, Image.BILINEAR) for image in images]
-    chosen = [images[i] for i in train_indices(len(images), frames)]
-    x0, y0 = random.randint(0, new_size[0] - size), random.randint(0, new_size[1] - size)
-    arrays = np.stack([np.asarray(im.crop((x0, y0, x0 + size, y0 + size))) for im in chosen])
-    return normalize(torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255)
-
-
-def benchmark(frame_counts=(8, 32), seconds=6.0, size=224):
-    """Training clips per second, one process, on 320x240 mpeg4 AVIs of 300 frames (HMDB-like)."""
-    def rate(load, n):
-        start, done = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            load(done % n)
-            done += 1
-        return done / (time.perf_counter() - start)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker, which torch gives one thread
-    with tempfile.TemporaryDirectory() as root:
-        make_synthetic_dataset(root, num_classes=4, videos_per_class=1, frames=300, size=(320, 240))
-        paths = sorted(os.path.join(root, rel) for rel in _walk(root) if rel.endswith(".avi"))
-        print(f"benchmark: {len(paths)} synthetic 320x240 mpeg4 AVIs of 300 frames, training "
-              f"clips at S={size}, one process, one torch thread")
-        for T in frame_counts:
-            dataset = VideoDataset([(p, 0) for p in paths], T, train=True, size=size)
-            ours = rate(lambda i: dataset[i], len(paths))
-            naive = rate(lambda i: _naive_clip(paths[i], T, size), len(paths))
-            print(f"T={T:3d}: ours {ours:7.1f} clips/s   naive PIL {naive:6.1f} clips/s   "
-                  f"ratio {ours / naive:5.1f}x")
-    torch.set_num_threads(threads)
-
-
 def make_synthetic(root, num_classes, videos_per_class):
     """The --make-synthetic command: write the dataset, say what was written and how to train."""
-    names = make_synthetic_dataset(root, num_classes, videos_per_class)
+    try:
+        names = make_synthetic_dataset(root, num_classes, videos_per_class)
+    except OSError as error:  # a read-only place, a full disk
+        raise InputError(f"{root}: cannot write the synthetic dataset: {error}") from error
     print(f"{root}: {len(names)} classes x {videos_per_class} synthetic videos (32 frames, "
           f"320x240, mpeg4 AVI) in HMDB51's layout, splits 1-3: {', '.join(names)}")
     print("check it:  python data.py --dataset hmdb51 --data-root " + root)
@@ -883,8 +857,8 @@ def make_synthetic(root, num_classes, videos_per_class):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a dataset (doctor), write a synthetic "
-                                     "one, or time the loader.")
+    parser = argparse.ArgumentParser(description="Check a dataset (the doctor) or write a "
+                                     "synthetic one.")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset layout to check")
     parser.add_argument("--data-root", help="dataset root in its official layout")
     parser.add_argument("--split", type=int, default=1, help="split 1, 2 or 3 (hmdb51, ucf101)")
@@ -897,11 +871,6 @@ def main(argv=None):
                         help=f"--make-synthetic: classes, 1-{len(SYNTHETIC_CLASSES)} (6)")
     parser.add_argument("--per-class", type=int, default=12,
                         help="--make-synthetic: videos per class, about 70%% train (12)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="training clips/s, ours against a naive PIL pipeline")
-    parser.add_argument("--frames", type=int, nargs="+", default=[8, 32],
-                        help="T values to benchmark (8: supervised presets, 32: few/zero-shot)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="timing per measurement")
     args = parser.parse_args(argv)
     try:
         if args.workers is not None and args.workers < 1:
@@ -909,13 +878,8 @@ def main(argv=None):
         if args.make_synthetic:
             make_synthetic(args.make_synthetic, args.classes, args.per_class)
             return 0
-        if args.benchmark:
-            if min(args.frames) < 1 or args.seconds <= 0:
-                raise InputError("--frames and --seconds: positive numbers")
-            benchmark(args.frames, args.seconds)
-            return 0
         if not (args.dataset and args.data_root):
-            parser.error("give --dataset and --data-root, --make-synthetic DIR, or --benchmark")
+            parser.error("give --dataset and --data-root, or --make-synthetic DIR")
         return doctor(args.dataset, args.data_root, args.split, args.workers)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

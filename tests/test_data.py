@@ -1,7 +1,10 @@
-"""Tests for data.py: decoding, sampling, transforms, dataset layouts, few-shot lists, the doctor.
+"""Tests for data.py: decoding, sampling, transforms, dataset layouts, few-shot lists, the doctor,
+and bad input (damaged videos of every container, layouts, class lists, flags): one line naming it.
 
 Every video is written by the test itself with PyAV. A frame's content encodes its index (eight
 black/white stripes, one bit each), so a test reads back *which* frame it got, not only how many.
+Expected values are computed here, independently: CLIP's statistics typed in, segment indices
+from the formula, pixel positions from the geometry, class ids from each dataset's own rule.
 """
 import fractions
 import json
@@ -211,7 +214,8 @@ def test_train_crop_and_flip_land_on_the_expected_pixels(monkeypatch):
     # crop at y 0, x 12, 37 x 37, i.e. decoded rows 0..47 and columns 16..63: block columns 1-3.
     monkeypatch.setattr(data, "multiscale_crop", lambda h, w, generator=None: (0, 12, 37, 37))
     monkeypatch.setattr(data, "color_jitter", lambda clip, generator=None: clip)
-    seed = next(s for s in range(100)  # a draw without grayscale: the third draw (flip, jitter, gray)
+    # a seed whose draw has no grayscale: the third draw (after flip and jitter) is at least 0.2
+    seed = next(s for s in range(100)
                 if torch.rand(3, generator=torch.Generator().manual_seed(s))[2] >= 0.2)
     for flip in (0.0, 1.0):
         out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
@@ -225,6 +229,38 @@ def test_train_crop_and_flip_land_on_the_expected_pixels(monkeypatch):
     unflipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=0)
     flipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=1)
     torch.testing.assert_close(flipped, unflipped.flip(-1), atol=0, rtol=0)
+
+
+def ramp_frames(T, height=48, width=64):
+    """uint8 (T, H, W, 3): gray rising from left to right, so any crop is darker on its left
+    (every colour operation keeps that order on a gray image; 20..180 stays clear of clamping)."""
+    ramp = np.linspace(20, 180, width).astype(np.uint8)
+    return np.broadcast_to(ramp[None, None, :, None], (T, height, width, 3)).copy()
+
+
+def darker_on_the_left(clip):
+    return (clip[..., :4].mean() < clip[..., -4:].mean()).item()
+
+
+def test_flip_zero_never_flips_and_flip_one_always_does():
+    clip = torch.from_numpy(ramp_frames(2))
+    for flip, expected in [(0.0, True), (1.0, False)]:
+        for seed in range(10):
+            out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
+            assert darker_on_the_left(out) == expected, f"flip={flip}, seed {seed}"
+    draws = [data.train_transform(clip, 32, torch.Generator().manual_seed(s)) for s in range(60)]
+    flips = [not darker_on_the_left(out) for out in draws]
+    assert 18 < sum(flips) < 42  # the default flips half of the clips
+
+
+def test_ssv2_style_dataset_with_flip_zero_never_flips(tmp_path):
+    path = str(tmp_path / "1.webm")
+    encode(path, ramp_frames(8), "libvpx-vp9")
+    dataset = data.VideoDataset([(path, 0)] * 30, frames=2, train=True, size=32, flip=0)
+    for i in range(30):
+        assert darker_on_the_left(dataset[i]["video"]), f"draw {i} was flipped"
+    with pytest.raises(data.InputError, match="--flip 1.5"):
+        data.VideoDataset([(path, 0)], frames=2, train=True, flip=1.5)
 
 
 def test_color_jitter_with_zero_strength_is_identity_and_hue_keeps_gray():
@@ -554,7 +590,7 @@ def test_timestamps_tell_variable_frame_rate_from_missing_frames(tmp_path, suffi
     # 20 frames, then nothing for 40 frames' time, then 20 more: a frame count far below what
     # the duration implies at the video's own frame rate
     hole = write(str(tmp_path / f"hole{suffix}"), [1] * 19 + [41] + [1] * 20)
-    with pytest.raises(data.VideoError, match=re.escape(hole) + ": no frames from 0.67 s to 2.00 s"):
+    with pytest.raises(data.VideoError, match=re.escape(hole) + ": no frames from 0.67 s to 2.00"):
         data.check_video(hole)
 
 
@@ -682,38 +718,6 @@ def test_doctor_passes_a_good_dataset_and_names_every_problem(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Bad input gets one line naming it
 
-def ramp_frames(T, height=48, width=64):
-    """uint8 (T, H, W, 3): gray rising from left to right, so any crop is darker on its left
-    (every colour operation keeps that order on a gray image; 20..180 stays clear of clamping)."""
-    ramp = np.linspace(20, 180, width).astype(np.uint8)
-    return np.broadcast_to(ramp[None, None, :, None], (T, height, width, 3)).copy()
-
-
-def darker_on_the_left(clip):
-    return (clip[..., :4].mean() < clip[..., -4:].mean()).item()
-
-
-def test_flip_zero_never_flips_and_flip_one_always_does():
-    clip = torch.from_numpy(ramp_frames(2))
-    for flip, expected in [(0.0, True), (1.0, False)]:
-        for seed in range(10):
-            out = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=flip)
-            assert darker_on_the_left(out) == expected, f"flip={flip}, seed {seed}"
-    flips = [not darker_on_the_left(data.train_transform(clip, 32, torch.Generator().manual_seed(s)))
-             for s in range(60)]
-    assert 18 < sum(flips) < 42  # the default flips half of the clips
-
-
-def test_ssv2_style_dataset_with_flip_zero_never_flips(tmp_path):
-    path = str(tmp_path / "1.webm")
-    encode(path, ramp_frames(8), "libvpx-vp9")
-    dataset = data.VideoDataset([(path, 0)] * 30, frames=2, train=True, size=32, flip=0)
-    for i in range(30):
-        assert darker_on_the_left(dataset[i]["video"]), f"draw {i} was flipped"
-    with pytest.raises(data.InputError, match="--flip 1.5"):
-        data.VideoDataset([(path, 0)], frames=2, train=True, flip=1.5)
-
-
 def test_overlapping_videos_compares_real_paths(tmp_path, monkeypatch):
     real = tmp_path / "videos"
     real.mkdir()
@@ -729,7 +733,8 @@ def test_overlapping_videos_compares_real_paths(tmp_path, monkeypatch):
 
 def test_class_names_that_cannot_all_be_predicted_are_refused():
     data.check_class_names(["kick", "kick_ball", "sword", "sword_exercise"], "hmdb51")
-    for names, named in [([], "no class names"), (["sit", "kick_ball", "KickBall"], "'kick_ball', 'KickBall'"),
+    for names, named in [([], "no class names"),
+                         (["sit", "kick_ball", "KickBall"], "'kick_ball', 'KickBall'"),
                          (["sit", "stand", "sit"], "'sit' is listed 2 times"),
                          (["Sit", "sit "], "'Sit', 'sit '"), (["a", "_"], "empty class name")]:
         with pytest.raises(data.InputError, match=re.escape(named)) as error:
@@ -764,6 +769,23 @@ def test_dataset_errors_name_the_file_and_point_to_readme_and_doctor(tmp_path):
         data.load_dataset("hmdb51", str(tmp_path / "nowhere"))
 
 
+def test_clip_settings_and_sample_lists_are_checked_before_any_decoding(tmp_path):
+    for kwargs, message in [(dict(frames=0), "--frames 0: 1 or more"),
+                            (dict(views=(1, 2)), "--test-views 1x2: "),
+                            (dict(views=(0, 3)), "--test-views 0x3: "),
+                            (dict(flip=-0.5), "--flip -0.5: ")]:
+        with pytest.raises(data.InputError, match=re.escape(message)):
+            data.VideoDataset([("never-read.avi", 0)], **{"frames": 8, "train": False, **kwargs})
+    with pytest.raises(data.InputError, match="spatial views must be 1 or 3, got 2"):
+        data.eval_transform(torch.zeros(2, 48, 64, 3, dtype=torch.uint8), 32, spatial_views=2)
+    listed = tmp_path / "few_shot_list.txt"
+    listed.write_text("a/b c.avi 3\nno-label-here\n")
+    with pytest.raises(data.InputError, match=re.escape(f"{listed}: unexpected line")):
+        data.read_sample_list(str(listed))
+    with pytest.raises(data.InputError, match=re.escape(f"{tmp_path / 'gone.txt'}: cannot read")):
+        data.read_sample_list(str(tmp_path / "gone.txt"))
+
+
 @pytest.mark.parametrize("shots", [0, -1])
 def test_few_shot_refuses_fewer_than_one_shot(shots):
     with pytest.raises(data.InputError, match=f"--shots {shots}: .*1 or more"):
@@ -787,6 +809,10 @@ def test_make_synthetic_from_the_command_line_refuses_foreign_folders(tmp_path, 
     assert data.main(["--make-synthetic", str(foreign)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {foreign}: not empty") and err.count("\n") == 1
-    assert os.listdir(foreign) == ["thesis.tex"] and (foreign / "thesis.tex").read_text() == "keep me"
+    assert os.listdir(foreign) == ["thesis.tex"]
+    assert (foreign / "thesis.tex").read_text() == "keep me"  # nothing deleted or overwritten
     assert data.main(["--make-synthetic", str(tmp_path / "x"), "--classes", "11"]) == 2
     assert "--classes 11" in capsys.readouterr().err
+    assert data.main(["--make-synthetic", str(foreign / "thesis.tex")]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
