@@ -168,24 +168,6 @@ def test_mean_and_std_over_splits_use_the_population_deviation():
     assert std != pytest.approx(statistics.stdev([50.0, 40.0, 45.0, 41.0]))
 
 
-def test_two_ranks_count_every_video_once_and_match_one_rank(videos, checkpoint, tmp_path):
-    common = ["--checkpoint", checkpoint, "--dataset", "hmdb51", "--data-root", videos,
-              "--views", "2x3", "--batch-size", "1", "--num-workers", "0"]
-    ev.main([str(a) for a in common + ["--json", tmp_path / "one.json"]])
-    run_eval_cli(common + ["--json", tmp_path / "two.json"], nproc=2)
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    samples, _ = data.load_dataset("hmdb51", str(videos), 1, "test")
-    good = [i for i, (path, _) in enumerate(samples) if not path.endswith("broken.avi")]
-    assert one["num_videos"] == len(samples) and one["num_evaluated"] == len(good)
-    assert one["num_skipped"] == 1 and "broken.avi" in one["skipped"][0]
-    assert [v[0] for v in two["videos"]] == good         # each good video once, in index order
-    for v1, v2 in zip(one.pop("videos"), two.pop("videos")):
-        assert v1[:3] == v2[:3] and v1[3] == pytest.approx(v2[3], abs=1e-5)
-    assert one == two
-    assert sorted(os.listdir(tmp_path)) == ["one.confusion.png", "one.json", "two.confusion.png",
-                                            "two.json"]   # atomic writes leave no temporary file
-
-
 def test_zero_shot_splits_report_mean_and_std(videos, checkpoint):
     report = ev.main(["--checkpoint", str(checkpoint), "--dataset", "hmdb51", "--data-root",
                       str(videos), "--split", "all", "--num-workers", "0"])
@@ -197,32 +179,6 @@ def test_zero_shot_splits_report_mean_and_std(videos, checkpoint):
                                                                    for v in values) / 3))
     summed = np.sum([report["splits"][s]["confusion"] for s in ("1", "2", "3")], axis=0)
     assert report["confusion"] == summed.tolist()
-
-
-def run_eval_cli(args, nproc):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(nproc), "eval.py"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-
-
-def test_a_train_py_checkpoint_reloads_and_gives_train_py_s_own_test_report(videos, tmp_path):
-    """train.py draws its random tiny CLIP from --seed and records it: eval.py must rebuild the
-    very same frozen CLIP (SHA256 checked) and score the test set exactly as train.py did."""
-    import train
-    out = tmp_path / "run"
-    train.main(["--dataset", "hmdb51", "--data-root", str(videos), "--model", "tiny", "--frames",
-                str(T), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--test-views", "1x1",
-                "--seed", "3", "--out", str(out)])
-    by_train = json.loads((out / "report.json").read_text())
-    by_eval = ev.main(["--checkpoint", str(out / "checkpoint.pt"), "--dataset", "hmdb51",
-                       "--data-root", str(videos), "--num-workers", "0"])
-    for key in ("top1", "top5", "confusion", "num_videos", "num_evaluated", "num_skipped", "skipped"):
-        assert by_eval[key] == by_train[key], key
-    for mine, theirs in zip(by_eval["videos"], by_train["videos"], strict=True):
-        assert mine[:3] == theirs[:3] and mine[3] == pytest.approx(theirs[3], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +408,15 @@ def test_every_flag_has_help_and_the_examples_name_train_py_s_output():
     text = parser.format_help()
     assert "runs/<name>/checkpoint.pt" in text and "run/last.pt" not in text
     assert "--model tiny" in text and "plain CLIP" in text
+
+
+def test_class_features_are_the_template_through_the_frozen_text_tower():
+    model, _ = ev.load_untrained("tiny", None, T)
+    got = ev.text_features(model, ["brush hair", "kick"], "a clip of {} now", "cpu")
+    expected = model.clip.encode_text(cw.tokenize(["a clip of brush hair now", "a clip of kick now"]))
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(data.InputError, match="class text: text of 8[0-9] tokens is too long"):
+        ev.text_features(model, ["very " * 80 + "long"], "{}", "cpu")
 
 
 def test_the_default_template_is_the_papers():
@@ -685,3 +650,50 @@ def test_vit_b16_counted_macs_match_analytic_within_5_percent():
     macs = ev.view_macs(model, classes)
     assert abs(macs["macs_gap_vs_analytic"]) < 0.05
     assert macs["baseline_macs_per_view"] == pytest.approx(macs["analytic_baseline_macs_per_view"], rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: torchrun, and train.py's own report (the slowest tests, last)
+
+def run_eval_cli(args, nproc):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), "eval.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_two_ranks_count_every_video_once_and_match_one_rank(videos, checkpoint, tmp_path):
+    common = ["--checkpoint", checkpoint, "--dataset", "hmdb51", "--data-root", videos,
+              "--views", "2x3", "--batch-size", "1", "--num-workers", "0"]
+    ev.main([str(a) for a in common + ["--json", tmp_path / "one.json"]])
+    run_eval_cli(common + ["--json", tmp_path / "two.json"], nproc=2)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    samples, _ = data.load_dataset("hmdb51", str(videos), 1, "test")
+    good = [i for i, (path, _) in enumerate(samples) if not path.endswith("broken.avi")]
+    assert one["num_videos"] == len(samples) and one["num_evaluated"] == len(good)
+    assert one["num_skipped"] == 1 and "broken.avi" in one["skipped"][0]
+    assert [v[0] for v in two["videos"]] == good         # each good video once, in index order
+    for v1, v2 in zip(one.pop("videos"), two.pop("videos")):
+        assert v1[:3] == v2[:3] and v1[3] == pytest.approx(v2[3], abs=1e-5)
+    assert one == two
+    assert sorted(os.listdir(tmp_path)) == ["one.confusion.png", "one.json", "two.confusion.png",
+                                            "two.json"]   # atomic writes leave no temporary file
+
+
+def test_a_train_py_checkpoint_reloads_and_gives_train_py_s_own_test_report(videos, tmp_path):
+    """train.py draws its random tiny CLIP from --seed and records it: eval.py must rebuild the
+    very same frozen CLIP (SHA256 checked) and score the test set exactly as train.py did."""
+    import train
+    out = tmp_path / "run"
+    train.main(["--dataset", "hmdb51", "--data-root", str(videos), "--model", "tiny", "--frames",
+                str(T), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--test-views", "1x1",
+                "--seed", "3", "--out", str(out)])
+    by_train = json.loads((out / "report.json").read_text())
+    by_eval = ev.main(["--checkpoint", str(out / "checkpoint.pt"), "--dataset", "hmdb51",
+                       "--data-root", str(videos), "--num-workers", "0"])
+    for key in ("top1", "top5", "confusion", "num_videos", "num_evaluated", "num_skipped", "skipped"):
+        assert by_eval[key] == by_train[key], key
+    for mine, theirs in zip(by_eval["videos"], by_train["videos"], strict=True):
+        assert mine[:3] == theirs[:3] and mine[3] == pytest.approx(theirs[3], abs=1e-5)
