@@ -149,6 +149,11 @@ def attention(x, attn, context=None, causal=False):
 # check, so that a wrong (or still empty) PTA, SPG, Eq. (5) head or prompt generator cannot turn
 # the tests of other equations red.
 
+class Stop(Exception):
+    """Raised by a hook or a stand-in once the test has what it needs: the rest does not run
+    (so a later equation, right or wrong or still empty, cannot fail this test)."""
+
+
 class StandInAdapter(nn.Module):
     """In place of the temporal adapter: each token mixed with itself one frame earlier."""
 
@@ -174,12 +179,14 @@ class StandInAggregation(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inputs, self.outputs = [], []
+        self.inputs, self.outputs, self.stop = [], [], False
 
     def forward(self, frame_features):                          # (B, T, E) -> (B, E)
         out = frame_features.mean(dim=1) + 0.5 * frame_features[:, -1]
         self.inputs.append(frame_features)
         self.outputs.append(out)
+        if self.stop:
+            raise Stop
         return out
 
 
@@ -189,7 +196,7 @@ class StandInVideoPrompts(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inputs, self.outputs = [], []
+        self.inputs, self.outputs, self.stop = [], [], False
 
     def project_patches(self, patches, visual):                 # (B·T, K, D) -> (B·T, K, E)
         return layer_norm(patches, visual.ln_post) @ visual.proj
@@ -198,6 +205,8 @@ class StandInVideoPrompts(nn.Module):
         out = class_features + 0.3 * patches.mean(dim=1, keepdim=True)
         self.inputs.append((class_features, patches))
         self.outputs.append(out)
+        if self.stop:
+            raise Stop
         return out
 
 
@@ -216,12 +225,9 @@ def use_stand_ins(model, keep=()):
     return model
 
 
-class Stop(Exception):
-    """Raised by a hook once the test has what it needs: the rest of the model does not run."""
-
-
 def record_layer_inputs(model, stop_after_first=False):
-    """Each CLIP layer's input, as its ln_1 sees it (whatever the connection): a list."""
+    """Each layer's input V^{i-1}, as the model passes it to the layer's spatial-temporal block,
+    or to CLIP's layer where the layer has no adapter: a list."""
     seen = []
 
     def layer_hook(module, args):
@@ -229,8 +235,9 @@ def record_layer_inputs(model, stop_after_first=False):
         if stop_after_first:
             raise Stop
 
-    for vit in model.clip.visual.transformer.resblocks:
-        vit.ln_1.register_forward_pre_hook(layer_hook)
+    for i, vit in enumerate(model.clip.visual.transformer.resblocks):
+        layer = model.blocks[str(i)] if str(i) in model.blocks else vit
+        layer.register_forward_pre_hook(layer_hook)
     return seen
 
 
@@ -272,7 +279,7 @@ def eq1_oracle(model, x):
 
 
 def check_eq1_temporal_embedding(oc=omniclip):
-    model = use_stand_ins(randomize(tiny_model(oc)))
+    model = use_stand_ins(randomize(tiny_model(oc, pta=False)))  # no blocks: Eq. (4) cannot interfere
     seen = record_layer_inputs(model, stop_after_first=True)
     x = videos()
     run(model, x)
@@ -375,7 +382,8 @@ def check_eq4_layers_in_sequence(oc=omniclip, what="Eq. (4)", layers_with_adapte
         check(sorted(model.blocks, key=int) == [str(i) for i in layers_with_adapter], what,
               f"layers with an adapter: expected {layers_with_adapter}, got {sorted(model.blocks, key=int)}")
     seen = record_layer_inputs(model)
-    run(model)
+    with torch.no_grad():
+        model.encode_frames(videos())                           # the layers only: not Eqs. (5), (8)
     resblocks = model.clip.visual.transformer.resblocks
     check(len(seen) == len(resblocks), what,
           f"every CLIP layer runs once: expected {len(resblocks)} layer inputs, got {len(seen)}")
@@ -474,10 +482,11 @@ def check_eq6_spg(spg, grid=4, pooling="avg", projector=True, width=D):
 
 
 def check_eq6_wiring(oc=omniclip):
-    model = use_stand_ins(randomize(tiny_model(oc)))
+    model = use_stand_ins(randomize(tiny_model(oc, pta=False)))
     what = "Eq. (6) wiring: SPG(patches of V0, after TE), prompts appended, all through ln_pre"
     seen = record_layer_inputs(model)
-    run(model)
+    with torch.no_grad():
+        model.encode_frames(videos())                           # the layers only: not Eqs. (5), (8)
     check(len(model.spg.inputs) == 1, what, f"SPG called {len(model.spg.inputs)} times, expected once")
     patches, first = model.spg.inputs[0], seen[0]
     check(patches.shape == (B * T, K, D), what,
@@ -630,7 +639,8 @@ def check_eq5_head(oc=omniclip, head=None):
 
 
 def check_eq5_frame_features(oc=omniclip):
-    model = use_stand_ins(randomize(tiny_model(oc)))
+    model = use_stand_ins(randomize(tiny_model(oc, pta=False)))
+    model.frame_aggregation.stop = True                         # what comes after is not Eq. (5)'s
     what = "Eq. (5) F_V,t = ln_post(class token of frame t, last layer) @ proj"
     seen = record_layer_inputs(model)
     run(model)
@@ -687,7 +697,8 @@ def check_prompts_generator(oc=omniclip, vp=None):
 
 
 def check_prompts_wiring(oc=omniclip):
-    model = use_stand_ins(randomize(tiny_model(oc)))
+    model = use_stand_ins(randomize(tiny_model(oc, pta=False)))
+    model.prompt_generator.stop = True                          # what comes after is Eq. (8)'s
     what = "video-specific prompts: keys/values = the patch tokens of all frames, ln_post, proj, mean over T"
     seen = record_layer_inputs(model)
     c = class_features()
@@ -761,7 +772,7 @@ def check_eq8_cosine(oc=omniclip):
 
 
 def check_eq8_wiring(oc=omniclip, video_prompts=True):
-    model = use_stand_ins(randomize(tiny_model(oc, video_prompts=video_prompts)))
+    model = use_stand_ins(randomize(tiny_model(oc, pta=False, video_prompts=video_prompts)))
     with torch.no_grad():
         model.clip.logit_scale.fill_(2.1)
     c = class_features()
@@ -816,11 +827,21 @@ def test_eq9_loss_matches_its_oracle():
 
 
 # ----------------------------------------------------------------------------------------------
-# Properties of the whole model. They involve several equations at once, so they carry the
-# markers of each: they teach what the parts add up to.
+# Properties of the whole model. They run every part at once, so they carry the marker of each
+# part they run (`model` too): they teach what the parts add up to.
+
+def runs_every_part(test):
+    """The markers of a test that runs the whole model: `pytest -m eq6` includes it."""
+    for name in ("model", "eq1", "eq4", "eq5", "eq6", "eq7", "eq8", "eq9", "prompts"):
+        test = getattr(pytest.mark, name)(test)
+    return test
+
 
 @pytest.mark.model
+@pytest.mark.eq1
+@pytest.mark.eq4
 @pytest.mark.eq5
+@pytest.mark.eq7
 @pytest.mark.eq8
 @pytest.mark.prompts
 @pytest.mark.table11
@@ -839,7 +860,7 @@ def test_model_identity_at_init_equals_frame_average_clip(connection):
         assert not torch.allclose(model(x, c).softmax(-1), theirs, atol=1e-3)
 
 
-@pytest.mark.model
+@runs_every_part
 def test_model_trainable_tensors_are_exactly_the_adapters_and_all_get_gradients():
     model = randomize(tiny_model())         # a zero Up would stop the gradients of Down and Attn
     loss = omniclip.video_loss(model.train()(videos(), class_features()), torch.tensor([1, 2]))
@@ -855,7 +876,7 @@ def test_model_trainable_tensors_are_exactly_the_adapters_and_all_get_gradients(
             assert name.startswith("clip.") and p.grad is None, f"{name} should be frozen CLIP"
 
 
-@pytest.mark.model
+@runs_every_part
 def test_model_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for flag in (False, True):
@@ -866,7 +887,7 @@ def test_model_gradient_checkpointing_gives_the_same_gradients():
         assert_matches(grads[1][name], grads[0][name], f"gradient checkpointing: {name}", atol=1e-5)
 
 
-@pytest.mark.model
+@runs_every_part
 def test_model_trainable_state_dict_round_trip_is_strict():
     model, other = randomize(tiny_model(), clip_norms=False), tiny_model()
     other.load_trainable_state_dict(model.trainable_state_dict())
