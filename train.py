@@ -57,14 +57,8 @@ BAD_INPUT = (data.InputError, clip_weights.WeightsError)  # one line, exit 2; an
 PRESETS = {
     "k400":      dict(frames=8,  batch_size=256, lr=2e-3,   min_lr=2e-5,   epochs=50,
                       weight_decay=0.003, test_views="4x3"),
-    # SSv2's classes say left and right: no flip (as every CLIP video work trains it). Sec. 4.1:
-    # "We train the video encoder with a fixed classifier following previous works [32]". [32] is
-    # ILA (Tu et al., ICCV 2023); its released SSv2 code drops the text tower for a trained linear
-    # head. We read "fixed" as class features that do not change in training: the frozen text
-    # tower's, with the video-specific prompts off (--video-prompts turns them back on). A trained
-    # linear head, ILA's reading, is a new module: a fork, not a flag.
     "ssv2":      dict(frames=8,  batch_size=256, lr=3.5e-3, min_lr=3.5e-5, epochs=50,
-                      weight_decay=0.01,  test_views="4x3", flip=0.0, video_prompts=False),
+                      weight_decay=0.01,  test_views="4x3"),
     "hmdb51":    dict(frames=8,  batch_size=32,  lr=2e-3,   min_lr=2e-5,   epochs=30,
                       weight_decay=0.003, test_views="4x3"),
     "few-shot":  dict(frames=32, batch_size=8,   lr=2e-3,   min_lr=2e-5,   epochs=50,
@@ -191,7 +185,13 @@ def parse_args(argv=None):
                 "supervised setting)")
     args.setting = "zero-shot" if args.zero_shot else "few-shot" if args.shots else "supervised"
     preset = dict(COMMON, **PRESETS[args.setting if args.setting != "supervised" else args.dataset])
-    if args.dataset == "ssv2":  # SSv2's flip and classifier hold in every setting
+    if args.dataset == "ssv2":  # in every setting (supervised, few-shot)
+        # SSv2's classes say left and right: no flip (as every CLIP video work trains it). Sec. 4.1:
+        # "We train the video encoder with a fixed classifier following previous works [32]". [32]
+        # is ILA (Tu et al., ICCV 2023), whose released SSv2 code drops the text tower for a
+        # trained linear head. We read "fixed" as class features that do not change in training:
+        # the frozen text tower's, with the video-specific prompts off (--video-prompts turns them
+        # back on). ILA's trained linear head is a new module: a fork, not a flag.
         preset.update(flip=0.0, video_prompts=False)
     if args.demo:
         preset.update(DEMO)
@@ -264,25 +264,6 @@ def parse_views(text):
 def derive_seed(*numbers):
     """A 32-bit seed from a tuple of integers, e.g. (seed, epoch, index)."""
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
-
-
-def rng_state():
-    """The global generators, in a form torch.load(weights_only=True) reads back."""
-    np_state = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    if len(state.get("cuda", [])) == torch.cuda.device_count() > 0:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):
@@ -410,7 +391,7 @@ RUN_ARGS = ("dataset", "data_root", "split", "shots", "zero_shot", "frames", "mo
             "spg_per_layer", "video_prompts", "prompt_generator", "demo")
 
 
-RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step", "rng")
+RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step")
 
 
 def atomic_write(path, write):
@@ -702,7 +683,9 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     checkpoint_path, log_path = run.path("checkpoint.pt"), run.path("log.jsonl")
     checkpoint = read_resumable(run.resume_from) if run.resume_from else None
     model.to(device)
-    torch.manual_seed(args.seed + rank)  # seed + rank, as nanoGPT; data and mixup derive their own
+    # seed + rank, as nanoGPT; nothing here draws from these (data and mixup derive their own
+    # generators from the run's position), but a fork's dropout would
+    torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     # the text tower is frozen: class features once, before training, never inside a step
@@ -713,8 +696,6 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
         model.load_trainable_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step = checkpoint["step"]
-        if master_process:  # rank 0's generators; nothing the run computes depends on them
-            set_rng_state(checkpoint["rng"])
     raw_model = model
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
@@ -760,7 +741,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
             template=args.template, args=vars(args), optimizer=optimizer.state_dict(),
             scheduler=dict(schedule="linear warmup, cosine", lr=args.lr, min_lr=args.min_lr,
                            warmup_steps=warmup_steps, total_steps=total_steps),
-            step=step, epoch=step // steps_per_epoch, rng=rng_state(),
+            step=step, epoch=step // steps_per_epoch,
             few_shot_list=inputs.few_shot_list))
 
     def reduce(totals):  # (loss x clips, correct, clips, skipped) summed over ranks
