@@ -1,0 +1,356 @@
+"""The other readings of the paper, one flag away, each checked against a computation written here.
+
+- SPG once or per layer (Sec. 3.1 vs Sec. 3.2-3.3, `spg_per_layer`), marker `spg`;
+- Table 11's cascade as ST-Adapter (Sec. 4.4, `connection="cascade"`), marker `table11`;
+- X-CLIP's own prompt generator (Sec. 3.1 "following [26]", `prompt_generator="xclip"`), marker `prompts`;
+- multiply-adds: the analytic count by part equals torch's flop counter for every variant, and for an
+  adapter the file does not know (a fork's), which is counted, not assumed.
+
+These tests use only public names and the block's `pta` attribute, so they pass on a forked file too
+(`pytest --impl my_omniclip.py`): where a test is about the PTA it builds a model that has one.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import omniclip as oc
+
+T = 4  # frames
+
+
+def tiny_model(**options):
+    torch.manual_seed(0)
+    config = oc.OmniCLIPConfig(**oc.ARCHITECTURES["tiny"], frames=T, **options)
+    return oc.OmniCLIP(config).eval()
+
+
+def move_off_init(module, seed=1, scale=0.1):
+    """Every trainable tensor moved off its init (zeros included), so nothing holds by zeros alone."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def video(B=2, seed=0):
+    return torch.randn(B, T, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def class_features(C=5, E=128, seed=3):
+    return torch.randn(C, E, generator=torch.Generator().manual_seed(seed))
+
+
+def pool_2x2(tokens, grid):
+    """Table 9's 'Avg.': mean of each 2x2 patch square, row-major, (B·T, K, D) -> (B·T, K/4, D)."""
+    BT, K, D = tokens.shape
+    squares = tokens.reshape(BT, grid // 2, 2, grid // 2, 2, D)        # rows, 2, cols, 2
+    return squares.mean(dim=(2, 4)).reshape(BT, K // 4, D)
+
+
+def record_layer_inputs(model):
+    """The tokens entering each frozen layer, (B·T, N, D), caught at its first LayerNorm."""
+    seen, hooks = [], []
+    for vit in model.clip.visual.transformer.resblocks:
+        hooks.append(vit.ln_1.register_forward_pre_hook(lambda m, args: seen.append(args[0])))
+    return seen, hooks
+
+
+# ------------------------------------------------------------------------------------------------
+# SPG once or per layer
+
+@pytest.mark.spg
+@pytest.mark.eq6
+def test_spg_per_layer_prompts_are_each_layers_pooled_patches():
+    """Per layer, R^i = Avg(V^i) (projector off): the prompts entering layer i are the 2x2 averages
+    of the patch tokens entering it, so they change from layer to layer. Made once, they are not."""
+    K, g = 16, 4
+    for per_layer in (True, False):
+        model = tiny_model(spg_per_layer=per_layer, spg_projector=False)
+        move_off_init(model)                                   # the layers really change the tokens
+        seen, hooks = record_layer_inputs(model)
+        with torch.no_grad():
+            model.encode_frames(video())
+        for hook in hooks:
+            hook.remove()
+        assert len(seen) == 4 and all(x.shape[1] == 1 + K + K // 4 for x in seen)
+        for i in range(1, 4):
+            pooled, prompts = pool_2x2(seen[i][:, 1:1 + K], g), seen[i][:, 1 + K:]
+            if per_layer:
+                torch.testing.assert_close(prompts, pooled, atol=1e-5, rtol=1e-5, msg=lambda m: (
+                    f"Eq. (6) per layer: prompts entering layer {i} are not Avg(V^{i}): {m}"))
+                assert not torch.allclose(prompts, seen[i - 1][:, 1 + K:], atol=1e-3), (
+                    f"Eq. (6) per layer: prompts of layer {i} equal those of layer {i - 1}")
+            else:
+                assert not torch.allclose(prompts, pooled, atol=1e-3), (
+                    "Eq. (6) once: prompts were regenerated at a later layer")
+
+
+@pytest.mark.spg
+@pytest.mark.eq6
+def test_spg_per_layer_whole_path_matches_an_oracle():
+    """The whole per-layer path with the projector on: R^0 = SPG(V^0) before ln_pre (Sec. 3.1), then
+    at layers 1..L-1 the prompts are replaced by Projector(Avg(V^i)) with ONE shared projector."""
+    model = tiny_model(spg_per_layer=True)
+    move_off_init(model)
+    spg, visual, K, g = model.spg, model.clip.visual, 16, 4
+    assert sum(isinstance(m, oc.SelfPromptGenerator) for m in model.modules()) == 1, (
+        "Eq. (6) per layer: one projector shared by every layer")
+    W1, b1 = spg.projector[0].weight, spg.projector[0].bias
+    W2, b2 = spg.projector[2].weight, spg.projector[2].bias
+
+    def projector(a):                                          # R = A + W2 GELU(W1 A + b1) + b2
+        return a + F.gelu(a @ W1.T + b1) @ W2.T + b2
+
+    x_in = video()
+    with torch.no_grad():
+        got, _ = model.encode_frames(x_in)
+        x = visual.embed(x_in.flatten(0, 1))                   # (B·T, 1+K, D)
+        x = x + model.temporal_embedding.repeat(2, 1)[:, None]  # Eq. (1), frame t of each video
+        x = torch.cat([x, projector(pool_2x2(x[:, 1:], g))], dim=1)
+        x = visual.ln_pre(x)
+        for i, vit in enumerate(visual.transformer.resblocks):
+            if i > 0:
+                x = torch.cat([x[:, :1 + K], projector(pool_2x2(x[:, 1:1 + K], g))], dim=1)
+            x = model.blocks[str(i)](x, vit, T)
+        expected = (visual.ln_post(x[:, 0]) @ visual.proj).reshape(2, T, -1)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4,
+                               msg=lambda m: f"Eq. (6) per layer, whole path: {m}")
+
+
+@pytest.mark.spg
+def test_spg_per_layer_needs_the_spg():
+    with pytest.raises(ValueError, match="spg_per_layer"):
+        tiny_model(spg=False, spg_per_layer=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Table 11's cascade: ST-Adapter
+
+def st_adapter_oracle(adapter, x, frames, grid):
+    """Up(DWConv3D(Down(patches))) with the convolution written as a sum over kernel offsets on a
+    zero-padded (T, h, w) grid; class and prompt tokens get 0."""
+    BT, N, D = x.shape
+    K, B = grid * grid, BT // frames
+    h = x[:, 1:1 + K] @ adapter.down.weight.T + adapter.down.bias          # (B·T, K, d)
+    h = h.reshape(B, frames, grid, grid, -1)                               # (B, T, h, w, d)
+    w = adapter.conv.weight[:, 0]                                          # (d, kt, kh, kw)
+    kt, kh, kw = w.shape[1:]
+    padded = F.pad(h, (0, 0, kw // 2, kw // 2, kh // 2, kh // 2, kt // 2, kt // 2))
+    out = adapter.conv.bias.expand_as(h).clone()
+    for a in range(kt):
+        for b in range(kh):
+            for c in range(kw):
+                out += w[:, a, b, c] * padded[:, a:a + frames, b:b + grid, c:c + grid]
+    out = out.reshape(BT, K, -1) @ adapter.up.weight.T + adapter.up.bias   # (B·T, K, D)
+    expected = torch.zeros_like(x)
+    expected[:, 1:1 + K] = out
+    return expected
+
+
+@pytest.mark.table11
+@pytest.mark.parametrize("kernel", [(3, 1, 1), (3, 3, 3)])
+def test_table11_st_adapter_matches_an_oracle(kernel):
+    """ST-Adapter: bottleneck D/2, depthwise 3D convolution over (T, h, w) of the patch grid only.
+    (3, 1, 1) is the released code's kernel; (3, 3, 3) checks that h and w are the right axes."""
+    torch.manual_seed(0)
+    D, g = 32, 4
+    adapter = oc.STAdapter(D, grid=g, kernel_size=kernel)
+    assert adapter.down.out_features == D // 2, "Table 11 cascade: ST-Adapter's bottleneck is D/2"
+    assert adapter.conv.groups == D // 2, "Table 11 cascade: the 3D convolution is depthwise"
+    move_off_init(adapter)
+    x = torch.randn(2 * T, 1 + g * g + 4, D)                               # (B·T, N, D) with prompts
+    with torch.no_grad():
+        got, expected = adapter(x, T), st_adapter_oracle(adapter, x, T, g)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"Table 11 cascade (ST-Adapter), kernel {kernel}: {m}")
+
+
+@pytest.mark.table11
+def test_table11_cascade_puts_st_adapter_in_series_before_each_frozen_block():
+    """Fig. 5(a): V^i = ViT(V + STAdapter(V)), no alpha; ST-Adapter's init makes it add exactly 0
+    (its convolution starts at 0) while its Up stays random, so it still learns from step one."""
+    model = tiny_model(connection="cascade")
+    assert model.adapter_name() == "STAdapter"
+    block, vit = model.blocks["2"], model.clip.visual.transformer.resblocks[2]
+    assert block.alpha is None, "Table 11 cascade: ST-Adapter has no alpha"
+    x = torch.randn(2 * T, 21, 128)
+    with torch.no_grad():
+        assert torch.count_nonzero(block.pta(x, T)) == 0, "Table 11 cascade: ST-Adapter adds 0 at init"
+        assert torch.count_nonzero(block.pta.up.weight) > 0, "Table 11 cascade: Up starts random"
+    logits = model.train()(video(), class_features())
+    oc.video_loss(logits, torch.tensor([0, 3])).backward()
+    assert block.pta.conv.weight.grad.abs().sum() > 0, "Table 11 cascade: the conv gets no gradient"
+    move_off_init(model)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, vit, T), vit(x + block.pta(x, T)), msg=lambda m: (
+            f"Table 11 cascade, Fig. 5(a): adapter then the frozen layer: {m}"))
+
+
+@pytest.mark.table11
+def test_table11_cascade_starts_as_frame_average_clip():
+    model = tiny_model(connection="cascade", spg=False)
+    with torch.no_grad():
+        ours = model(video(), class_features()).softmax(-1)
+        clip = oc.FrameAverageCLIP(model.clip)(video(), class_features()).softmax(-1)
+    torch.testing.assert_close(ours, clip, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"Table 11 cascade: identity at init: {m}")
+
+
+@pytest.mark.model
+def test_adapter_name_is_the_blocks_adapter_class():
+    assert tiny_model(pta=False).adapter_name() is None
+    model = tiny_model()
+    assert model.adapter_name() == type(model.blocks["0"].pta).__name__
+    assert tiny_model(connection="cascade").adapter_name() == "STAdapter"
+
+
+# ------------------------------------------------------------------------------------------------
+# X-CLIP's prompt generator, exactly
+
+def xclip_prompts_oracle(gen, class_feats, patches):
+    """X-CLIP's prompt.py written out: c_hat = c + gamma * decoder(c, LN(patches)), each decoder
+    layer x += Proj(softmax(q k^T / sqrt(dh)) v) with q from LN1(x), k and v from the patches
+    (biases where the module has them), then x += MLP(LN3(x)) with QuickGELU."""
+    kv = F.layer_norm(patches, patches.shape[-1:], gen.ln.weight, gen.ln.bias)   # (B, K, E)
+    x = class_feats.expand(patches.shape[0], -1, -1)                          # (B, C, E)
+    for block in gen.blocks:
+        attn, E = block.attn, x.shape[-1]
+        h = attn.num_heads
+        Wq, Wk, Wv = attn.in_proj_weight.split(E)
+        bq, bk, bv = (attn.in_proj_bias.split(E) if attn.in_proj_bias is not None else (0, 0, 0))
+        q = F.layer_norm(x, (E,), block.ln_1.weight, block.ln_1.bias) @ Wq.T + bq
+        k, v = kv @ Wk.T + bk, kv @ Wv.T + bv
+        q, k, v = (t.reshape(*t.shape[:2], h, E // h) for t in (q, k, v))     # (B, L, h, E/h)
+        scores = torch.einsum("bchd,bkhd->bhck", q, k) / math.sqrt(E // h)
+        out = torch.einsum("bhck,bkhd->bchd", scores.softmax(dim=-1), v).reshape(x.shape)
+        x = x + out @ attn.out_proj.weight.T + attn.out_proj.bias
+        y = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias)
+        y = y @ block.mlp.c_fc.weight.T + block.mlp.c_fc.bias
+        y = y * torch.sigmoid(1.702 * y)                                      # QuickGELU
+        x = x + y @ block.mlp.c_proj.weight.T + block.mlp.c_proj.bias
+    return class_feats + gen.gamma * x
+
+
+@pytest.mark.prompts
+@pytest.mark.parametrize("generator", oc.PROMPT_GENERATORS)
+def test_prompt_generators_match_an_independent_computation(generator):
+    """Keys/values: the last layer's patch tokens through CLIP's frozen ln_post and proj ("ours") or
+    X-CLIP's own LayerNorm and randn projection ("xclip"), per frame, then averaged over time; then
+    the cross-attention decoder. Checked from the modules' own weights, every tensor off its init."""
+    model = tiny_model(prompt_generator=generator)
+    move_off_init(model)
+    gen, visual, K = model.prompt_generator, model.clip.visual, 16
+    last = []
+    model.blocks["3"].register_forward_hook(lambda m, args, out: last.append(out))
+    x_in, c = video(), class_features()
+    with torch.no_grad():
+        _, patches = model.encode_frames(x_in)
+        raw = last[0][:, 1:1 + K]                                              # (B·T, K, D)
+        if generator == "xclip":
+            ln, proj = gen.visual_ln, gen.visual_proj
+        else:
+            ln, proj = visual.ln_post, visual.proj
+        keys = F.layer_norm(raw, raw.shape[-1:], ln.weight, ln.bias) @ proj   # (B·T, K, E)
+        expected_patches = keys.reshape(2, T, K, -1).mean(dim=1)                # (B, K, E)
+        torch.testing.assert_close(patches, expected_patches, atol=1e-4, rtol=1e-4, msg=lambda m: (
+            f"video-specific prompts ({generator}): keys and values from the patch tokens: {m}"))
+        torch.testing.assert_close(gen(c, patches), xclip_prompts_oracle(gen, c, patches),
+                                   atol=1e-4, rtol=1e-4, msg=lambda m: (
+                                       f"video-specific prompts ({generator}): c_hat: {m}"))
+
+
+@pytest.mark.prompts
+def test_xclip_prompt_generator_starts_as_xclips_code_does():
+    """X-CLIP's init: Linear weights trunc_normal(.02), zero biases, no q/k/v bias, a randn (std 1)
+    projection, gamma 0.1, nothing at zero, so no identity at init. Ours starts at c_hat = 1.1 c."""
+    assert oc.OmniCLIPConfig().prompt_generator == "ours"
+    model = tiny_model(prompt_generator="xclip")
+    gen = model.prompt_generator
+    weights = []
+    for block in gen.blocks:
+        assert block.attn.in_proj_bias is None, "prompts (xclip): X-CLIP's q/k/v have no bias"
+        weights += [block.attn.in_proj_weight, block.attn.out_proj.weight, block.mlp.c_fc.weight,
+                    block.mlp.c_proj.weight]
+        for bias in (block.attn.out_proj.bias, block.mlp.c_fc.bias, block.mlp.c_proj.bias):
+            assert torch.count_nonzero(bias) == 0, "prompts (xclip): X-CLIP's biases start at 0"
+    std = torch.cat([w.flatten() for w in weights]).std().item()
+    assert abs(std - 0.02) < 0.002, f"prompts (xclip): weights std {std:.4f}, X-CLIP's is 0.02"
+    assert abs(gen.visual_proj.std().item() - 1) < 0.05, "prompts (xclip): projection is torch.randn"
+    assert gen.visual_proj.shape == (128, 128) and gen.visual_ln.weight.shape == (128,)
+    torch.testing.assert_close(gen.gamma, torch.full((128,), 0.1))
+    c, patches = class_features(), torch.randn(2, 16, 128)
+    with torch.no_grad():
+        assert not torch.allclose(gen(c, patches), 1.1 * c, atol=1e-3)
+        ours = tiny_model().prompt_generator
+        torch.testing.assert_close(ours(c, patches), 1.1 * c.expand(2, -1, -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Multiply-adds: analytic by part == counted on the real forward, for every variant and any adapter
+
+def first_adapter(model):
+    return next((block.pta for block in model.blocks.values()), None)
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({}, marks=pytest.mark.model),
+    pytest.param(dict(pta=False, spg=False), marks=pytest.mark.table7),
+    pytest.param(dict(spg=False, video_prompts=False), marks=pytest.mark.table7),
+    pytest.param(dict(pta_layers=[1], temporal_ratio=0.5), marks=pytest.mark.table10),
+    pytest.param(dict(spg_per_layer=True), marks=pytest.mark.spg),
+    pytest.param(dict(spg_pooling="max", spg_projector=False), marks=pytest.mark.table9),
+    pytest.param(dict(connection="attention-parallel"), marks=pytest.mark.table11),
+    pytest.param(dict(connection="cascade"), marks=pytest.mark.table11),
+    pytest.param(dict(prompt_generator="xclip"), marks=pytest.mark.prompts),
+])
+def test_counted_macs_match_the_analytic_count(options):
+    model = tiny_model(**options)
+    analytic = oc.analytic_macs(model.config, num_classes=5, adapter=first_adapter(model))
+    counted = oc.count_macs(model, video(B=1), class_features())
+    assert counted == analytic["total"], f"MACs {options}: counted {counted}, analytic {analytic}"
+    key = f"adapter:{model.adapter_name()}"
+    assert model.adapter_name() is None or key in analytic, f"no {key!r} in {list(analytic)}"
+    baseline = oc.count_macs(oc.FrameAverageCLIP(model.clip), video(B=1), class_features())
+    assert baseline == oc.analytic_baseline_macs(model.config, num_classes=5)
+
+
+class LinearTimeMix(nn.Module):
+    """An adapter the file does not know: a bottleneck that mixes frames by a learned T x T matrix."""
+
+    def __init__(self, width, frames):
+        super().__init__()
+        self.down, self.up = nn.Linear(width, 8), nn.Linear(8, width)
+        self.mix = nn.Parameter(torch.eye(frames))
+
+    def forward(self, x, frames):                                          # (B·T, N, D)
+        h = self.down(x).unflatten(0, (-1, frames))                        # (B, T, N, 8)
+        return self.up(torch.einsum("st,btnd->bsnd", self.mix, h).flatten(0, 1))  # (B·T, N, D)
+
+
+@pytest.mark.model
+def test_an_unknown_adapter_is_counted_and_named():
+    model = tiny_model()
+    for block in model.blocks.values():
+        block.pta = LinearTimeMix(128, T)
+    analytic = oc.analytic_macs(model.config, num_classes=5, adapter=model.blocks["0"].pta)
+    assert model.adapter_name() == "LinearTimeMix" and "adapter:LinearTimeMix" in analytic
+    N = 1 + 16 + 4
+    assert analytic["adapter:LinearTimeMix"] == 4 * (T * N * 2 * 128 * 8 + N * T * T * 8)
+    assert oc.count_macs(model, video(B=1), class_features()) == analytic["total"]
+
+
+@pytest.mark.model
+def test_vit_b16_counted_macs_match_analytic_within_5_percent():
+    """ViT-B/16's image tower at full width, depth and resolution (random weights), 2 frames and a
+    one-layer text tower (not counted: its features are cached) to keep it to seconds."""
+    torch.manual_seed(0)
+    b16 = dict(oc.ARCHITECTURES["ViT-B/16"], text_layers=1, vocab_size=1000)
+    config = oc.OmniCLIPConfig(**b16, frames=2)
+    model = oc.OmniCLIP(config).eval()
+    analytic = oc.analytic_macs(config, num_classes=10, adapter=first_adapter(model))["total"]
+    counted = oc.count_macs(model, torch.randn(1, 2, 3, 224, 224), torch.randn(10, 512))
+    assert abs(counted / analytic - 1) < 0.05, f"ViT-B/16 MACs: counted {counted}, analytic {analytic}"
