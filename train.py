@@ -244,6 +244,8 @@ def check_args(p, args):
         p.error(f"--clip-weights {args.clip_weights}: no such file")
     if args.clip_weights is None and args.model not in ("tiny", *clip_weights.MODELS):
         p.error(f"--model {args.model}: one of tiny, {', '.join(clip_weights.MODELS)}")
+    if args.resume == "auto" and args.out is None:
+        p.error("--resume auto continues the run in --out: give --out runs/NAME")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         p.error(f"--resume {args.resume}: no such checkpoint (or 'auto')")
 

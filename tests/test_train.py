@@ -442,6 +442,8 @@ def test_default_run_folder_names_dataset_setting_split_and_time():
     args = train.parse_args(["--dataset", "ucf101", "--split", "2", "--data-root", "d"])
     assert re.fullmatch(r"ucf101-supervised-split2-\d{8}-\d{6}",
                         os.path.basename(train.default_out(args)))
+    with pytest.raises(SystemExit):   # a new time-stamped folder has nothing to resume
+        train.parse_args(["--dataset", "hmdb51", "--data-root", "d", "--resume", "auto"])
 
 
 def test_resume_refuses_another_run_naming_what_differs(small_dataset, tmp_path):
