@@ -283,9 +283,11 @@ class STAdapter(nn.Module):
 
     Up(DWConv3D(Down(V))) over the (T, h, w) grid of the patch tokens. Read from ST-Adapter's
     released code (linziyi96/st-adapter, models_adapter.py and its ViT-B/16 scripts "12x384",
-    "24x384"): bottleneck D/2 (384 for ViT-B/16), depthwise kernel (3, 1, 1) (time; space is the
-    frozen attention's job), no activation; the convolution and both biases start at zero, Down and
+    "24x384"): bottleneck D/2 (384 for ViT-B/16), depthwise kernel (3, 1, 1) in both scripts, no
+    activation; the convolution and both biases start at zero (OmniCLIP._init_adapters), Down and
     Up keep PyTorch's random init, so it adds 0 at init (identity holds) and still gets gradients.
+    Placed before each block, its pre-attention position (its K400 script adapts before the MLP,
+    its SSv2 script at both): the paper's cascade connection (Fig. 5(a)), in series with the layer.
     Only the K patch tokens are adapted (that code takes x[:, 1:]); the class token and the SPG
     prompts, which are not on the patch grid, get 0 and pass unchanged."""
 
@@ -371,12 +373,14 @@ class VideoSpecificPrompt(nn.Module):
     the video's patch tokens (Sec. 3.1: "Following the approach in [26], we further enrich the text
     feature with video-specific prompts"; the class text is the template "A video of [CLS] action").
 
-    The default (prompt_generator="ours") departs from X-CLIP's code in three ways, each so that an
-    untrained OmniCLIP is exactly CLIP's zero-shot classifier (the identity test): keys/values are
-    the patches through CLIP's frozen ln_post and proj (X-CLIP learns its own LayerNorm and a random
-    projection: new, untrained keys), q/k/v have biases, and the output projections start at zero
-    (X-CLIP: random), so at init c_hat = 1.1 c, whose cosine with any video equals that of c.
-    "Following [26]" names the approach, not its initialisation; XCLIPPrompt is X-CLIP's exactly."""
+    The default (prompt_generator="ours") departs from X-CLIP's code in three ways: keys/values are
+    the patches through CLIP's frozen ln_post and proj, already in the joint space (X-CLIP learns its
+    own LayerNorm and a random projection), the output projections start at zero (X-CLIP: random)
+    so that at init c_hat = 1.1 c, whose cosine with any video equals that of c, and q/k/v carry
+    biases (nn.MultiheadAttention's layout; X-CLIP's have none). It is the default because the
+    paper names only the approach ("following [26]"), not X-CLIP's initialisation, and these choices
+    make an untrained OmniCLIP exactly CLIP's zero-shot classifier (the identity test).
+    XCLIPPrompt computes what X-CLIP's code computes."""
 
     def __init__(self, embed_dim, layers=2, qkv_bias=True):
         super().__init__()
@@ -519,9 +523,10 @@ class OmniCLIP(nn.Module):
                 # The other reading (spg_per_layer): Sec. 3.2 writes Eq. (6) for any layer, "video
                 # input V^i ... R^i = Projector(Avg(V^i))", and Sec. 3.3 "the input of PTA contains
                 # self-prompts R^i ... progressively integrate spatial-temporal information". So at
-                # the input of layer i the prompts are pooled anew from V^i's patches and replace
-                # R^{i-1}; N stays 1+K+K/4. We default to once: Sec. 3.1 is the only place that
-                # says when SPG runs, and its Concat happens once, before Eqs. (2)-(4).
+                # the input of layer i > 0 the prompts are pooled anew from V^i's patches and replace
+                # R^{i-1} (R^0 is the same in both readings); N stays 1+K+K/4. We default to once:
+                # Sec. 3.1 is the only place that says when SPG runs, and its Concat happens once,
+                # before Eqs. (2)-(4).
                 x = torch.cat([x[:, :1 + K], self.spg(x[:, 1:1 + K])], dim=1)  # (B·T, N, D)
             block = self.blocks[str(i)] if str(i) in self.blocks else None
             args = (x, vit, T) if block is not None else (x,)
