@@ -642,7 +642,8 @@ def analytic_macs(config: OmniCLIPConfig, num_classes, adapter=None):
         # per frame and patch (not the class or prompt tokens): Down + Up (2 D d), depthwise conv
         per_block = T * K * (2 * D * d + d * math.prod(kernel))
     else:
-        per_block = count_macs(adapter, torch.zeros(T, N, D), T) if layers else 0
+        p = next(adapter.parameters(), torch.zeros(()))                 # its device and dtype
+        per_block = count_macs(adapter, p.new_zeros(T, N, D), T) if layers else 0
     parts = {
         "patch_embedding": T * K * 3 * P * P * D,
         "clip_blocks": T * c.vision_layers * _block_macs(N0, D),
