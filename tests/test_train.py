@@ -31,9 +31,10 @@ import train  # noqa: E402
 
 # The demo's short mode: 30 epochs (the README's demo trains 150) with 2 accumulation steps per
 # rank (per-gpu batch 2 x 2 ranks x 2 = 8), so no_sync is exercised too. Its top-1 on the 36 test
-# videos, measured with seeds 0-2: see DEMO_SHORT_RANGE.
+# videos, measured with seeds 0, 1, 2 (torch 2.13 CPU, av 18.1): 47.2%, 55.6%, 50.0%; the range
+# adds 3 videos (8.3 points) on each side, the spread seen between machines and versions.
 DEMO_SHORT = ["--demo", "--epochs", "30", "--per-gpu-batch", "2"]
-DEMO_SHORT_RANGE = (30.0, 70.0)
+DEMO_SHORT_RANGE = (38.0, 64.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
