@@ -314,6 +314,11 @@ def test_counted_macs_match_the_analytic_count(options):
     assert counted == analytic["total"], f"MACs {options}: counted {counted}, analytic {analytic}"
     key = f"adapter:{model.adapter_name()}"
     assert model.adapter_name() is None or key in analytic, f"no {key!r} in {list(analytic)}"
+
+
+@pytest.mark.model
+def test_frame_average_baseline_macs_match_the_analytic_count():
+    model = tiny_model()
     baseline = oc.count_macs(oc.FrameAverageCLIP(model.clip), video(B=1), class_features())
     assert baseline == oc.analytic_baseline_macs(model.config, num_classes=5)
 
