@@ -113,9 +113,14 @@ def test_colours_arrive_in_rgb_order_with_clips_mean_and_std(tmp_path, codec, su
         got = video[0, :, :, y - 6:y + 6, x - 6:x + 6].mean((0, 2, 3))  # (3,)
         expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, CLIP_MEAN, CLIP_STD)])
         # the codec's yuv420p round trip moves a colour by at most 3 of 255 levels; BGR order
-        # or ImageNet's statistics move these by 15 levels or more
+        # or ImageNet's std moves these by 10 levels or more
         torch.testing.assert_close(got, expected, atol=4 / 255 / 0.26, rtol=0,
                                    msg=lambda m: f"colour block {k} {colour}: {m}")
+    # ImageNet's mean is within a level of CLIP's: check the normalisation itself, exactly
+    levels = torch.tensor([0.0, 0.25, 0.5, 1.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    expected = torch.stack([(levels[:, c] - m) / s
+                            for c, (m, s) in enumerate(zip(CLIP_MEAN, CLIP_STD))], 1)
+    torch.testing.assert_close(data.normalize(levels.clone()), expected, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +217,9 @@ def test_train_crop_and_flip_land_on_the_expected_pixels(monkeypatch):
     clip = frame.expand(2, -1, -1, -1)
     # S = 32: short side to round(32 * 256 / 224) = 37, so a 37 x 49 frame. Fix the multi-scale
     # crop at y 0, x 12, 37 x 37, i.e. decoded rows 0..47 and columns 16..63: block columns 1-3.
-    monkeypatch.setattr(data, "multiscale_crop", lambda h, w, generator=None: (0, 12, 37, 37))
+    asked = []
+    monkeypatch.setattr(data, "multiscale_crop",
+                        lambda h, w, generator=None: asked.append((h, w)) or (0, 12, 37, 37))
     monkeypatch.setattr(data, "color_jitter", lambda clip, generator=None: clip)
     # a seed whose draw has no grayscale: the third draw (after flip and jitter) is at least 0.2
     seed = next(s for s in range(100)
@@ -226,6 +233,7 @@ def test_train_crop_and_flip_land_on_the_expected_pixels(monkeypatch):
                 x = 31 - x if flip else x  # mirrored left to right
                 torch.testing.assert_close(rgb[:, y, x] * 255, colour[r, c].float(), atol=0.5,
                                            rtol=0, msg=lambda m: f"flip {flip}, block {r, c}: {m}")
+    assert asked[0] == (37, 49), "the crop is drawn in the frame resized to short side 256/224 S"
     unflipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=0)
     flipped = data.train_transform(clip, 32, torch.Generator().manual_seed(seed), flip=1)
     torch.testing.assert_close(flipped, unflipped.flip(-1), atol=0, rtol=0)
@@ -263,6 +271,40 @@ def test_ssv2_style_dataset_with_flip_zero_never_flips(tmp_path):
         data.VideoDataset([(path, 0)], frames=2, train=True, flip=1.5)
 
 
+def test_color_jitter_formulas_and_factor_ranges():
+    """Each operation alone, against torchvision's formulas written here: brightness x * b;
+    contrast towards the frame's mean luma; saturation towards each pixel's luma; hue a turn of
+    the YIQ chroma plane. Factors uniform in [1 - s, 1 + s] (hue in [-h, h]), drawn in order."""
+    clip = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    luma = torch.einsum("c,tchw->thw", torch.tensor([0.299, 0.587, 0.114]), clip)[:, None]
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    factors = {"brightness": [], "hue": []}
+    for seed in range(40):
+        u = torch.rand(4, generator=torch.Generator().manual_seed(seed))  # b, c, s, h draws
+        for name, strength, expected in [
+                ("brightness", 0.4, lambda f: clip * f),
+                ("contrast", 0.4, lambda f: f * clip + (1 - f) * luma.mean((1, 2, 3), True)),
+                ("saturation", 0.2, lambda f: f * clip + (1 - f) * luma),
+                ("hue", 0.1, None)]:
+            index = ["brightness", "contrast", "saturation", "hue"].index(name)
+            factor = (1 if name != "hue" else 0) + strength * (2 * u[index].item() - 1)
+            only = {**dict(brightness=0, contrast=0, saturation=0, hue=0), name: strength}
+            got = data.color_jitter(clip.clone(), torch.Generator().manual_seed(seed), **only)
+            if name == "hue":
+                angle = 2 * math.pi * factor
+                turn = torch.tensor([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)],
+                                     [0, math.sin(angle), math.cos(angle)]])
+                matrix = torch.linalg.inv(yiq) @ turn @ yiq
+                want = torch.einsum("dc,tchw->tdhw", matrix, clip)
+            else:
+                want = expected(factor)
+            torch.testing.assert_close(got, want.clamp(0, 1), atol=1e-5, rtol=0,
+                                       msg=lambda m: f"{name} factor {factor:.3f}: {m}")
+            factors.setdefault(name, []).append(factor)
+    assert min(factors["brightness"]) < 0.75 and max(factors["brightness"]) > 1.25
+    assert min(factors["hue"]) < -0.06 and max(factors["hue"]) > 0.06
+
+
 def test_color_jitter_with_zero_strength_is_identity_and_hue_keeps_gray():
     clip = torch.rand(2, 3, 8, 8)
     same = data.color_jitter(clip.clone(), brightness=0, contrast=0, saturation=0, hue=0)
@@ -278,9 +320,17 @@ def test_one_view_is_short_side_256_over_224_then_centre_crop():
     frame[:, 20] = 0  # the crop's first column
     views = data.eval_transform(frame.expand(2, -1, -1, -1), size=56, spatial_views=1)
     assert views.shape == (1, 2, 3, 56, 56)
-    white = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     torch.testing.assert_close(views[0, 0, :, :, 1:].mean((-2, -1)), white, atol=1e-4, rtol=0)
     assert (views[0, 0, :, :, 0] < 0).all()  # the black column
+    # short side 128: the crop covers 56 x 128/64 = 112 decoded pixels, columns 40..151 of 192,
+    # resized to 56 (each output column two input columns)
+    frame = torch.full((128, 192, 3), 255, dtype=torch.uint8)
+    frame[:, 32:40], frame[:, 40:48], frame[:, 144:152] = 0, 100, 200  # 8 columns each
+    view = data.eval_transform(frame.expand(1, -1, -1, -1), size=56)[0, 0, 0]  # red, (S, S)
+    row = (view[28] * CLIP_STD[0] + CLIP_MEAN[0]) * 255
+    torch.testing.assert_close(row[[0, 2, 27, 53, 55]], torch.tensor([100.0, 100, 255, 200, 200]),
+                               atol=0.5, rtol=0)
 
 
 @pytest.mark.parametrize("portrait", [False, True])
@@ -294,6 +344,20 @@ def test_three_views_are_start_centre_end_of_the_long_side(portrait):
     assert views.shape == (3, 2, 3, 32, 32)
     centre_colour = views[:, 0, :, 16, 16].argmax(-1)  # (V,) dominant channel at each crop's centre
     assert centre_colour.tolist() == [0, 1, 2]
+
+
+def test_each_temporal_view_holds_its_own_frames_in_order(tmp_path):
+    # frame i is a uniform gray of level 6 i, read back from the normalised output
+    levels = np.repeat(6 * np.arange(40, dtype=np.uint8), 48 * 64 * 3).reshape(40, 48, 64, 3)
+    path = encode(tmp_path / "gray.avi", levels, "mpeg4", BIT_RATE)
+    video = data.VideoDataset([(path, 0)], frames=4, train=False, size=32, views=(2, 3))[0]["video"]
+    gray = video[..., 8:24, 8:24].mean((-3, -2, -1))  # (V, T), V = 2 temporal x 3 spatial
+    level = (gray * torch.tensor(CLIP_STD).mean() + torch.tensor(CLIP_MEAN).mean()) * 255
+    frames = (level / 6).round().long()
+    for view in range(2):  # segments of 10 frames; view v at offset (v + 1/2) / 2 of each
+        expected = [math.floor((i + (view + 0.5) / 2) * 10) for i in range(4)]
+        for spatial in range(3):
+            assert frames[3 * view + spatial].tolist() == expected, (view, spatial)
 
 
 def test_dataset_test_views_stack_temporal_times_spatial(tmp_path):
@@ -568,6 +632,24 @@ def test_damaged_videos_are_named_in_every_container(tmp_path, codec, suffix):
             data.VideoDataset([(path, 0)], frames=8, train=True, size=32)[0]
 
 
+@pytest.mark.parametrize("codec, suffix", [("mpeg4", ".avi"), ("libx264", ".mp4"),
+                                           ("libx264", ".mkv")])
+def test_damage_inside_one_frame_is_named_with_the_frame(tmp_path, codec, suffix):
+    """Every packet still there, 16 bytes of frame 7's picture data overwritten: the decoder
+    conceals the damage and flags the frame as corrupt."""
+    path = encode(tmp_path / f"v{suffix}", noise_video(20), codec, BIT_RATE)
+    with av.open(path) as container:
+        position, size = [(p.pos, p.size) for p in container.demux(video=0) if p.size][7]
+    raw = bytearray(open(path, "rb").read())
+    raw[position + size // 2:position + size // 2 + 16] = bytes(range(16))
+    open(path, "wb").write(raw)
+    message = f"{path}: decode error, frame 7 is corrupt"
+    with pytest.raises(data.VideoError, match=re.escape(message)):
+        data.check_video(path)
+    with pytest.raises(data.VideoError, match="frame 7 is corrupt"):  # a test clip reaches it
+        data.VideoDataset([(path, 0)], frames=4, train=False, size=32)[0]
+
+
 @pytest.mark.parametrize("suffix, codec", [(".webm", "libvpx-vp9"), (".mkv", "libx264")])
 def test_timestamps_tell_variable_frame_rate_from_missing_frames(tmp_path, suffix, codec):
     def write(path, ticks):  # frame i shown for ticks[i] / 30 s
@@ -700,15 +782,22 @@ def test_doctor_passes_a_good_dataset_and_names_every_problem(tmp_path, capsys):
     assert "0 problems" in capsys.readouterr().out
     os.remove(os.path.join(root, "move_left", "move_left_00.avi"))
     open(os.path.join(root, "move_left", "move_left_01.avi"), "wb").close()
-    cut = os.path.join(root, "move_right", "move_right_02.avi")
+    train, _ = data.load_dataset("hmdb51", root, subset="train")
+    test, _ = data.load_dataset("hmdb51", root, subset="test")
+    kept, cut = [p for p, label in train if label == 1][:2]  # two training videos of move_right
     raw = open(cut, "rb").read()
     open(cut, "wb").write(raw[:len(raw) * 3 // 4])
+    shared = [p for p, label in test if label == 1][0]  # a test video, now a link to `kept`
+    os.remove(shared)
+    os.symlink(kept, shared)
     assert data.main(["--dataset", "hmdb51", "--data-root", root]) == 1
     out = capsys.readouterr().out
     for name, cause in [("move_left_00.avi", "file not found"), ("move_left_01.avi", "empty"),
-                        ("move_right_02.avi", "truncated")]:
+                        (os.path.basename(cut), "truncated"),
+                        (os.path.basename(kept), "in both the train and the test list")]:
         assert any(name in line and cause in line
-                   for line in out.splitlines() if line.startswith("BAD"))
+                   for line in out.splitlines() if line.startswith("BAD")), (name, cause)
+    assert "4 problems" in out
     assert data.main(["--dataset", "ucf101", "--data-root", root]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ucf101: expected") and "ucfTrainTestlist" in err
