@@ -22,6 +22,8 @@ import pytest
 import test_omniclip as checks
 from conftest import reference_omniclip
 
+one_thread = checks.one_thread                                 # the same autouse fixture: tiny tensors
+
 
 @dataclass
 class Misreading:
