@@ -550,6 +550,14 @@ def test_eq6_table9_pooling_and_projector_options(pooling, projector):
 
 @pytest.mark.eq6
 @pytest.mark.spg
+@pytest.mark.table9
+def test_eq6_table9_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="spg_pooling"):
+        tiny_config(spg_pooling="mean")
+
+
+@pytest.mark.eq6
+@pytest.mark.spg
 def test_eq6_odd_patch_grid_pools_with_ceil():
     """ViT-B/32 has a 7x7 grid: 4x4 prompts, the last row and column pooled over what is there."""
     for pooling in ("avg", "max"):
