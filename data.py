@@ -349,6 +349,7 @@ class VideoDataset(torch.utils.data.Dataset):
     Testing: views = (temporal, spatial) -> (V, T, 3, S, S), V = temporal * spatial, temporal-major.
     Random draws come from torch's global generator (a trainer seeds it per item or per worker);
     `seed` (an int) instead fixes each item's draw from (seed, index), e.g. to look at it twice.
+    `flip`: the training flip's probability (0 for SSv2, whose classes say left and right).
     With skip_errors a bad video gives dict(error="<path>: <reason>", index) for `collate` to
     count and name; without it the VideoError propagates."""
 
@@ -612,7 +613,7 @@ def load_dataset(name, root, split=1, subset="train"):
             raise InputError(f"{name} split {split}: the {subset} list is empty")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
         raise InputError(f"{name}: cannot read {getattr(error, 'filename', None) or root}: "
-                         f"{error} ({hint})") from error
+                         f"{getattr(error, 'strerror', None) or error} ({hint})") from error
     except InputError as error:
         raise InputError(f"{error} ({hint})") from error
     check_class_names(classes, source)
