@@ -287,8 +287,8 @@ def bad_checkpoints(folder, model):
             ("unknown-config-field", lambda s: s["config"].update(colour="red"), "config does not fit"),
             ("other-size", lambda s: s.update(model=tiny_omniclip(frames=8).trainable_state_dict()),
              "trained tensors do not fit"),
-            ("other-adapter", lambda s: s.update(adapter="STAdapter"),
-             "temporal adapter 'STAdapter'; this omniclip.py builds 'ParallelTemporalAdapter'")):
+            ("other-adapter", lambda s: s.update(adapter="SomeOtherAdapter"),   # a fork's names too
+             f"temporal adapter 'SomeOtherAdapter'; this omniclip.py builds '{model.adapter_name()}'")):
         changed = torch.load(good, weights_only=True)
         change(changed)
         torch.save(changed, folder / f"{name}.pt")
