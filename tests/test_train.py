@@ -123,7 +123,8 @@ def test_config_json_holds_every_flag_after_presets_and_the_model(demo_run):
     assert config["args"]["flip"] == 0.0 and config["args"]["frames"] == 4     # the demo's preset
     assert os.path.basename(config["args"]["out"]) == out.name
     assert config["model"]["frames"] == 4 and "spg_per_layer" in config["model"]
-    assert config["adapter"] == "ParallelTemporalAdapter"
+    # the class the model builds: ParallelTemporalAdapter here, a fork's own class in a fork
+    assert config["adapter"] == omniclip.OmniCLIP(omniclip.OmniCLIPConfig(**config["model"])).adapter_name()
     assert config["clip_weights"]["name"] == "tiny"
 
 
@@ -148,7 +149,7 @@ def test_checkpoint_holds_adapters_and_names_its_weights_and_adapter(demo_run):
     for key in train.RESUME_KEYS + ("scheduler", "epoch", "class_names", "template",
                                     "few_shot_list", "adapter"):
         assert key in checkpoint, key
-    assert checkpoint["adapter"] == "ParallelTemporalAdapter"
+    assert checkpoint["adapter"] == omniclip.OmniCLIP(config).adapter_name()  # a fork names its own
     assert checkpoint["clip_weights"]["name"] == "tiny" and checkpoint["clip_weights"]["seed"] == 0
     model, _ = evaluation.load_model(str(out / "checkpoint.pt"))
     for name, tensor in model.trainable_state_dict().items():
@@ -464,7 +465,7 @@ def test_resume_refuses_another_run_naming_what_differs(small_dataset, tmp_path)
         "--lr": (["--lr", "5e-3"], {}),
         "class list": ([], dict(class_names=inputs.class_names[::-1])),
         "few-shot list": ([], dict(few_shot_list=[["a.avi", 0]])),
-        "adapter (ParallelTemporalAdapter there, STAdapter now)": ([], dict(adapter="STAdapter")),
+        f"adapter ({inputs.adapter} there, SomeOtherAdapter now)": ([], dict(adapter="SomeOtherAdapter")),
         "CLIP weights": ([], dict(clip_weights=dict(name="local", sha256="0" * 64))),
     }
     for what, (flags, facts) in changes.items():
