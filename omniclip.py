@@ -527,7 +527,7 @@ class OmniCLIP(nn.Module):
                 # R^{i-1} (R^0 is the same in both readings); N stays 1+K+K/4. We default to once:
                 # Sec. 3.1 is the only place that says when SPG runs, and its Concat happens once,
                 # before Eqs. (2)-(4).
-                x = torch.cat([x[:, :1 + K], self.spg(x[:, 1:1 + K])], dim=1)  # (B·T, N, D)
+                x = torch.cat([x[:, :1 + K], self.spg(x[:, 1:1 + K])], dim=1)  # Eq. (6), R^i: (B·T, N, D)
             block = self.blocks[str(i)] if str(i) in self.blocks else None
             args = (x, vit, T) if block is not None else (x,)
             layer = block if block is not None else vit
