@@ -309,20 +309,24 @@ class STAdapter(nn.Module):
 
 
 class SpatialTemporalBlock(nn.Module):
-    """Eqs. (2)-(4): a frozen CLIP ViT layer with a trainable PTA beside it, fused by alpha.
+    """Eqs. (2)-(4): a frozen CLIP ViT layer with a trainable temporal adapter beside it, fused by alpha.
 
     The frozen layer is passed in rather than held, so its weights live once, under `clip.`.
-    `self.pta` is the block's temporal adapter (ST-Adapter for the cascade). To try another, replace
-    the PTA line (any module mapping (B·T, N, D), frames to the update it adds, same shape)."""
+    `self.pta` is the block's temporal adapter (ST-Adapter for the cascade), built here from the
+    whole config (width, frames, grid, temporal ratio). To try another adapter, change the one line
+    marked "fork" (README, "Fork it"): any nn.Module whose forward(x, frames) maps the (B·T, N, D)
+    tokens to the update it adds, same shape. If it has an `up` layer, the model zeroes it at init;
+    otherwise it must add 0 at init by itself (test_model_every_adapter_starts_at_zero says which)."""
 
-    def __init__(self, width, temporal_ratio=0.25, connection="block-parallel", grid=None):
+    def __init__(self, config: OmniCLIPConfig):
         super().__init__()
-        self.connection = connection
-        if connection != "cascade":
-            self.pta = ParallelTemporalAdapter(width, temporal_ratio)
+        c = config
+        self.connection = c.connection
+        if c.connection != "cascade":
+            self.pta = ParallelTemporalAdapter(c.vision_width, c.temporal_ratio)  # fork: your adapter here
             self.alpha = nn.Parameter(torch.ones(()))  # Eq. (4): one learnable scalar per layer, init 1
         else:                                           # ST-Adapter has no alpha: its own residual only
-            self.pta, self.alpha = STAdapter(width, grid), None
+            self.pta, self.alpha = STAdapter(c.vision_width, c.grid), None
 
     def forward(self, x, vit, frames):
         if self.connection == "block-parallel":      # Fig. 5(c), ours
@@ -440,8 +444,7 @@ class OmniCLIP(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.zeros(c.frames, D))   # Eq. (1): TE, (T, D)
         self.spg = SelfPromptGenerator(D, c.grid, c.spg_pooling, c.spg_projector) if c.spg else None
         layers = range(c.vision_layers) if c.pta_layers is None else c.pta_layers
-        self.blocks = nn.ModuleDict({str(i): SpatialTemporalBlock(D, c.temporal_ratio, c.connection, c.grid)
-                                     for i in (layers if c.pta else [])})
+        self.blocks = nn.ModuleDict({str(i): SpatialTemporalBlock(c) for i in (layers if c.pta else [])})
         self.frame_aggregation = FrameAggregation(E)
         self.prompt_generator = None
         if c.video_prompts:
@@ -475,8 +478,9 @@ class OmniCLIP(nn.Module):
                 zero.append(block.pta.conv)       # 0 biases (zeroing Up too would stop every gradient)
                 nn.init.zeros_(block.pta.down.bias)
                 nn.init.zeros_(block.pta.up.bias)
-            else:
-                zero.append(block.pta.up)
+            elif isinstance(getattr(block.pta, "up", None), nn.Module):
+                zero.append(block.pta.up)         # the PTA's Up, or a fork's: V_t = 0 at init
+            # an adapter with no `up` must add 0 at init by itself (a fork's: README, "Fork it")
         zero.append(self.frame_aggregation.attn.out_proj)
         if self.spg is not None and self.spg.projector is not None:
             zero.append(self.spg.projector[2])
@@ -491,8 +495,8 @@ class OmniCLIP(nn.Module):
             for block in self.prompt_generator.blocks:
                 zero += [block.attn.out_proj, block.mlp.c_proj]
         for layer in zero:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+            for p in layer.parameters():      # weight and bias, where there is one
+                nn.init.zeros_(p)
 
     @torch.no_grad()
     def encode_classes(self, tokens):
@@ -500,17 +504,23 @@ class OmniCLIP(nn.Module):
         compute this once per class list and pass it to forward: a training step runs no text."""
         return self.clip.encode_text(tokens)
 
+    def embed_frames(self, videos):
+        """Eq. (1): V^0 = X^0 + PE + TE, the tokens of every frame, (B, T, 3, H, W) -> (B·T, 1+K, D)."""
+        B, T = videos.shape[:2]
+        x = self.clip.visual.embed(videos.flatten(0, 1))                # (B·T, 1+K, D): X^0 + PE
+        te = self.temporal_embedding.to(x.dtype)
+        return (x.unflatten(0, (B, T)) + te[None, :, None]).flatten(0, 1)  # + TE: (B·T, 1+K, D)
+
     def encode_frames(self, videos):
-        """The video encoder up to the per-frame features: Eqs. (1)-(4), (6), (7).
+        """The video encoder up to the per-frame features: Eqs. (1)-(4), (6), (7). Each part is a
+        function of its own (embed_frames, the SPG, the blocks, ...): encode_frames only wires them.
         Returns F_{V,t} (B, T, E) and the patch tokens averaged over time (B, K, E), or None
         when there is no prompt generator to use them."""
         B, T = videos.shape[:2]
         if T != self.config.frames:
             raise ValueError(f"video has {T} frames, model was built for {self.config.frames}")
         visual, K = self.clip.visual, self.config.grid ** 2
-        x = visual.embed(videos.flatten(0, 1))                          # (B·T, 1+K, D): X^0 + PE
-        te = self.temporal_embedding.to(x.dtype)
-        x = (x.unflatten(0, (B, T)) + te[None, :, None]).flatten(0, 1)  # Eq. (1): + TE, (B·T, 1+K, D)
+        x = self.embed_frames(videos)                                   # Eq. (1): (B·T, 1+K, D)
         # Sec. 3.1: "commencing with self-resolution prompts R^0 = SPG(V^0). The initial video input
         # is subsequently augmented by concatenating it with these prompts, resulting in
         # V^0 = Concat(V^0, R^0)": the prompts are made once and flow through every layer (default).
@@ -599,15 +609,21 @@ def count_parameters(model):
 
 def count_macs(model, *inputs):
     """Multiply-adds of one forward, counted by torch.utils.flop_counter on the real ops.
-    The CPU's fused attention kernel has no formula in torch's table, so we give it the standard one."""
+    The CPU's fused attention kernel has no formula in torch's table, so we give it the standard one.
+    Counted in training mode: nn.MultiheadAttention's inference fast path is one fused op the counter
+    does not see (it would count 0); no module here behaves differently in training mode."""
     from torch.utils import flop_counter
     extra = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None and cpu_sdpa not in flop_counter.flop_registry:
         extra[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: (
             flop_counter.sdpa_flop_count(q, k, v))
-    with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as fc:
-        model(*inputs)
+    was_training = model.training
+    try:
+        with torch.no_grad(), flop_counter.FlopCounterMode(display=False, custom_mapping=extra) as fc:
+            model.train()(*inputs)
+    finally:
+        model.train(was_training)
     return fc.get_total_flops() // 2
 
 
