@@ -37,6 +37,7 @@ MARKERS = {
     "prompts": "X-CLIP's video-specific text prompts (Sec. 3.1, 'following [26]')",
     "clip": "CLIP itself, written from scratch",
     "model": "whole-model properties that involve several equations",
+    "cost": "multiply-adds: the cost model (analytic_macs) against torch's flop counter",
 }
 
 

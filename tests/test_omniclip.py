@@ -600,6 +600,7 @@ def check_gradient_checkpointing(oc=omniclip):
             vit.register_forward_pre_hook(lambda m, args: calls.append(m))
         frames, _ = model.encode_frames(videos())
         forward = len(calls)
+        check(frames.requires_grad, what, "the frame features carry no gradient (detached, or under no_grad)")
         frames.pow(2).sum().backward()
         if flag:
             check(len(calls) == 2 * forward, what,
