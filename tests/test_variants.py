@@ -84,7 +84,7 @@ def test_spg_per_layer_prompts_are_each_layers_pooled_patches():
     The prompts carry no position: compared up to one order of the prompt tokens."""
     K, g = 16, 4
     for per_layer in (True, False):
-        model = tiny_model(spg_per_layer=per_layer, spg_projector=False, pta=False)
+        model = tiny_model(spg_per_layer=per_layer, spg_projector=False, pta=False, video_prompts=False)
         move_off_init(model)                                   # the layers really change the tokens
         seen, hooks = record_layer_inputs(model)
         with torch.no_grad():
@@ -111,7 +111,7 @@ def test_spg_per_layer_whole_path_matches_an_oracle():
     """The whole per-layer path with the projector on: R^0 = SPG(V^0) before ln_pre (Sec. 3.1), then
     at layers 1..L-1 the prompts are replaced by Projector(Avg(V^i)) with ONE shared projector.
     (No adapters here: how the prompts are made does not depend on them.)"""
-    model = tiny_model(spg_per_layer=True, pta=False)
+    model = tiny_model(spg_per_layer=True, pta=False, video_prompts=False)
     move_off_init(model)
     spg, visual, K, g = model.spg, model.clip.visual, 16, 4
     assert sum(isinstance(m, oc.SelfPromptGenerator) for m in model.modules()) == 1, (
