@@ -377,11 +377,13 @@ class VideoSpecificPrompt(nn.Module):
     the video's patch tokens (Sec. 3.1: "Following the approach in [26], we further enrich the text
     feature with video-specific prompts"; the class text is the template "A video of [CLS] action").
 
-    The default (prompt_generator="ours") departs from X-CLIP's code in three ways: keys/values are
+    The default (prompt_generator="ours") departs from X-CLIP's code in four ways: keys/values are
     the patches through CLIP's frozen ln_post and proj, already in the joint space (X-CLIP learns its
     own LayerNorm and a random projection), the output projections start at zero (X-CLIP: random)
-    so that at init c_hat = 1.1 c, whose cosine with any video equals that of c, and q/k/v carry
-    biases (nn.MultiheadAttention's layout; X-CLIP's have none). It is the default because the
+    so that at init c_hat = 1.1 c, whose cosine with any video equals that of c, q/k/v carry
+    biases (nn.MultiheadAttention's layout; X-CLIP's have none), and the other weights keep their
+    modules' init: q/k/v normal with std E^-0.5 (Attention), c_fc PyTorch's default (X-CLIP:
+    trunc_normal std 0.02 for every Linear). It is the default because the
     paper names only the approach ("following [26]"), not X-CLIP's initialisation, and these choices
     make an untrained OmniCLIP exactly CLIP's zero-shot classifier (the identity test).
     XCLIPPrompt computes what X-CLIP's code computes."""

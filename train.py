@@ -321,9 +321,11 @@ def micro_batch_rng(seed, step, micro, rank, world_size):
 
 
 def mix_batch(videos, labels, num_classes, args, rng):
-    """Table 1's label smoothing 0.1, Mixup 0.8, CutMix 1.0, as X-CLIP applies them (timm's Mixup,
-    batch mode): targets smoothed first, then per batch CutMix with probability cutmix_prob else
-    Mixup, each clip paired with the batch reversed. One box for all frames of a clip.
+    """Table 1's label smoothing 0.1, Mixup 0.8, CutMix 1.0: targets smoothed first, then per batch
+    CutMix with probability cutmix_prob else Mixup. One box for all frames of a clip. Each clip is
+    paired with the batch reversed (timm's Mixup, batch mode): our choice, not X-CLIP's, whose
+    datasets/blending.py pairs by torch.randperm. The sampler already shuffles the batch, so the
+    reversal pairs clips at random without another draw, and the demo's range was measured with it.
     videos (B, T, 3, H, W), labels (B,) -> mixed videos, soft targets (B, C) whose rows sum to 1."""
     s = args.label_smoothing
     targets = torch.nn.functional.one_hot(labels, num_classes).float() * (1 - s) + s / num_classes
