@@ -1,10 +1,10 @@
-"""The README's worked fork example is code, so it is tested like code: the diff shown there is
-applied to a copy of omniclip.py, the patched model trains (a forward and a backward pass), and the
-suite's own model tests run green on the forked file (`pytest --impl`), as they must for any fork
-that keeps the public names."""
+"""The README's fork recipe is code, so it is tested like code, as a reader follows it: in a copy of
+the repository, each diff shown there is applied with `git apply`, the forked model trains (a forward
+and a backward pass) and starts as CLIP, and the README's check command runs, as written, green."""
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,62 +14,81 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DIFFS = re.findall(r"```diff\n(.*?)```", README, flags=re.S)
+EXAMPLES = {"TemporalConvAdapter": "M2-CLIP's temporal convolution", "FrameMixAdapter": "needs the frame count"}
 
 
-@pytest.fixture(scope="module")
-def forked_file(tmp_path_factory):
-    """omniclip.py with the README's fork diff applied, in a folder of its own."""
-    diffs = re.findall(r"```diff\n(.*?)```", README, flags=re.S)
-    assert len(diffs) == 1, "README should show exactly one fork diff"
-    folder = tmp_path_factory.mktemp("fork")
-    (folder / "omniclip.py").write_text((ROOT / "omniclip.py").read_text())
-    # A reader who applied the fork to the repository itself runs this suite on the forked file:
-    # then the diff applies in reverse, and the file under test is already the fork.
-    already = subprocess.run(["git", "apply", "--reverse", "--check", "-"], cwd=folder,
-                             input=diffs[0], text=True, capture_output=True).returncode == 0
+def readme_block(marker):
+    """The shell block right after `marker` in README.md."""
+    found = re.search(re.escape(marker) + r"\s*```(?:bash|sh)\n(.+?)\n```", README, flags=re.S)
+    assert found, f"README has no code block after {marker}"
+    return found.group(1)
+
+
+def test_readme_shows_two_fork_examples_each_one_class_and_one_line():
+    assert len(DIFFS) == 2, "README should show two fork diffs"
+    for diff, name in zip(DIFFS, EXAMPLES):
+        changed = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        assert sum(line.startswith("-") for line in changed) == 1, f"{name}: the fork should change one line"
+        assert [line for line in changed if line.startswith("+class ")] == [f"+class {name}(nn.Module):"]
+        [removed] = [line for line in changed if line.startswith("-")]
+        assert "# fork: your adapter here" in removed, f"{name}: the changed line is the marked one"
+
+
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def forked_repository(request, tmp_path_factory):
+    """A copy of the repository's model code and tests with one README diff applied by `git apply`.
+    (A reader who applied the fork to the repository itself runs this on the forked file: then the
+    diff applies in reverse, and the copy is already the fork.)"""
+    name = request.param
+    diff = DIFFS[list(EXAMPLES).index(name)]
+    folder = tmp_path_factory.mktemp(f"fork-{name}")
+    shutil.copy(ROOT / "omniclip.py", folder / "omniclip.py")
+    shutil.copytree(ROOT / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "fork.diff").write_text(diff)
+    already = subprocess.run(["git", "apply", "--reverse", "--check", "fork.diff"], cwd=folder,
+                             capture_output=True).returncode == 0
     if not already:
-        applied = subprocess.run(["git", "apply", "--verbose", "-"], cwd=folder, input=diffs[0],
-                                 text=True, capture_output=True)
-        assert applied.returncode == 0, f"the README's diff no longer applies:\n{applied.stderr}"
-    changed = [line for line in diffs[0].splitlines()
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    assert sum(line.startswith("-") for line in changed) == 1, "the fork should change one line"
-    assert sum(line.startswith("+class ") for line in changed) == 1, "the fork should add one class"
-    return folder / "omniclip.py"
+        applied = subprocess.run(["git", "apply", "fork.diff"], cwd=folder, text=True, capture_output=True)
+        assert applied.returncode == 0, f"the README's {name} diff no longer applies:\n{applied.stderr}"
+    return name, folder
 
 
-def test_readme_fork_example_applies_and_trains(forked_file):
-    spec = importlib.util.spec_from_file_location("forked_omniclip", forked_file)
+def test_readme_fork_trains_starts_as_clip_and_passes_the_check_command(forked_repository):
+    name, folder = forked_repository
+    spec = importlib.util.spec_from_file_location(f"forked_omniclip_{name}", folder / "omniclip.py")
     forked = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(forked)
     torch.manual_seed(0)
-    config = forked.OmniCLIPConfig(**forked.ARCHITECTURES["tiny"], frames=4)
+    config = forked.OmniCLIPConfig(**forked.ARCHITECTURES["tiny"], frames=4, spg=False)
     model = forked.OmniCLIP(config).train()
     adapters = [block.pta for block in model.blocks.values()]
-    assert adapters and all(type(a).__name__ == "TemporalConvAdapter" for a in adapters)
-    assert model.adapter_name() == "TemporalConvAdapter"   # what a checkpoint of the fork records
-
-    logits = model(torch.randn(2, 4, 3, 64, 64), torch.randn(3, config.embed_dim))
-    forked.video_loss(logits, torch.tensor([0, 2])).backward()
-    for name, p in model.named_parameters():
-        assert (p.grad is not None) == p.requires_grad, name
-    assert all(a.conv.weight.grad is not None for a in adapters)
-    # The new adapter starts at zero like the PTA: identity with frame-average CLIP still holds.
-    assert all(torch.count_nonzero(a.up.weight) == 0 for a in adapters)
-    # The benchmark names the fork's adapter and counts it on the real ops, not as a PTA.
+    assert adapters and all(type(a).__name__ == name for a in adapters)
+    assert model.adapter_name() == name                       # what a checkpoint of the fork records
+    x, c = torch.randn(2, 4, 3, 64, 64), torch.randn(3, config.embed_dim)
+    with torch.no_grad():                                     # it starts at zero: CLIP's frame average
+        baseline = forked.FrameAverageCLIP(model.clip)(x, c).softmax(-1)
+        torch.testing.assert_close(model(x, c).softmax(-1), baseline, atol=1e-5, rtol=1e-5)
+    forked.video_loss(model(x, c), torch.tensor([0, 2])).backward()
+    for param_name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, param_name
+    assert all(any(p.grad.abs().sum() > 0 for p in a.parameters()) for a in adapters), f"{name} does not learn"
     macs = forked.analytic_macs(config, num_classes=3, adapter=adapters[0])
-    assert "adapter:TemporalConvAdapter" in macs and macs["adapter:TemporalConvAdapter"] > 0
+    assert macs[f"adapter:{name}"] > 0                        # counted on the real ops, named
+
+    command = readme_block("<!-- fork check -->")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(command + " -p no:cacheprovider", shell=True, cwd=folder, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"the README's check command fails on the {name} fork:\n{run.stdout[-6000:]}"
 
 
-def test_the_suites_model_tests_pass_on_the_forked_file(forked_file):
-    """Forks stay green: the equation and variant tests on the forked file. (The gallery of
-    misreadings breaks the repository's own file whatever --impl says, so it has nothing to add.)"""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                          f"--impl={forked_file}", "tests/test_omniclip.py", "tests/test_variants.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    assert f"testing omniclip from {forked_file}" in run.stdout, run.stdout[-3000:]
-    assert run.returncode == 0, f"model tests fail on the README's fork:\n{run.stdout[-6000:]}"
+def test_readme_fork_check_command_runs_on_a_fresh_clone():
+    """As written, the check command needs nothing a fresh clone lacks: the model tests on omniclip.py."""
+    command = readme_block("<!-- fork check -->")
+    assert command.startswith("python -m pytest") and "--impl=omniclip.py" in command
+    for path in re.findall(r"tests/\S+\.py", command):
+        assert (ROOT / path).is_file(), f"the README's check command names {path}, which does not exist"
 
 
 def test_readme_shows_the_two_commands_that_ci_runs():
