@@ -467,7 +467,8 @@ class OmniCLIP(nn.Module):
         | temporal_embedding (Eq. 1)      | 0                  | frames are CLIP's frames       |
         | spg.projector (Eq. 6)           | last layer 0       | prompts are the 2x2 averages   |
         | blocks.i.pta.down / attn        | random             | the adapter can learn          |
-        | blocks.i.pta.up (Eq. 7)         | 0                  | V_t = 0: the ViT is unchanged  |
+        | blocks.i.pta.up (Eq. 7; forks)  | 0                  | V_t = 0: the ViT is unchanged  |
+        | a fork's adapter with no up     | its own init       | it must add 0 by itself        |
         | blocks.i.alpha (Eq. 4)          | 1                  |                                |
         | cascade: pta.conv, all biases   | 0 (ST-Adapter's)   | it adds 0; its Up stays random |
         | frame_aggregation.attn.out_proj | 0                  | F_V = mean_t F_t (Eq. 5)       |
