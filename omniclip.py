@@ -485,14 +485,15 @@ class OmniCLIP(nn.Module):
                 zero.append(block.pta.up)         # the PTA's Up, or a fork's: V_t = 0 at init
             # an adapter with no `up` must add 0 at init by itself (a fork's: README, "Fork it")
         zero.append(self.frame_aggregation.attn.out_proj)
-        if self.spg is not None and self.spg.projector is not None:
-            zero.append(self.spg.projector[2])
+        if self.spg is not None and self.spg.projector is not None:   # its last Linear
+            zero.append([m for m in self.spg.projector.modules() if isinstance(m, nn.Linear)][-1])
         if isinstance(self.prompt_generator, XCLIPPrompt):   # X-CLIP's prompt.py _init_weights
             for module in self.prompt_generator.modules():
                 if isinstance(module, nn.Linear):
                     nn.init.trunc_normal_(module.weight, std=0.02)
-                    nn.init.zeros_(module.bias)
-                elif isinstance(module, Attention):           # its q, k, v are Linears too
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif getattr(module, "in_proj_weight", None) is not None:  # q, k, v: Linears too
                     nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
         elif self.prompt_generator is not None:
             for block in self.prompt_generator.blocks:

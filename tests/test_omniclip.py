@@ -90,7 +90,10 @@ def first_wrong(got, expected, atol, rtol):
 
 
 def assert_matches(got, expected, what, atol=5e-5, rtol=1e-4):
-    """torch.testing.assert_close, its message naming the equation and the first wrong value."""
+    """torch.testing.assert_close, its message naming the equation and the first wrong value.
+    A scalar is a scalar, stored as shape () or (1,)."""
+    if isinstance(got, torch.Tensor) and got.numel() == expected.numel() == 1:
+        got, expected = got.reshape(()), expected.reshape(())
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise AssertionError(f"{what}: shape: expected {tuple(expected.shape)}, got {shape}")
@@ -106,6 +109,8 @@ def assert_gradients_match(got, expected, wrt, what):
     check(isinstance(got, torch.Tensor) and got.requires_grad, what,
           "the output carries no gradient (detached, or computed under torch.no_grad()): "
           "the adapters it feeds could not learn")
+    if got.numel() == expected.numel() == 1:                    # a scalar: () or (1,)
+        got, expected = got.reshape(()), expected.reshape(())
     names, tensors = zip(*wrt.items())
     w = torch.randn(expected.shape, generator=torch.Generator().manual_seed(12))
     ours = torch.autograd.grad((got * w).sum(), tensors, allow_unused=True, retain_graph=True)
