@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The parts a learner writes, the marker of each, and the function(s) that hold it in omniclip.py.
 PARTS = {
-    "eq1": ["OmniCLIP.embed_frames"],                     # V^0 = X^0 + PE + TE
+    "eq1": ["OmniCLIP.embed_frames", "VisionTransformer.embed"],  # V^0 = X^0 + PE + TE
     "eq4": ["SpatialTemporalBlock.forward"],              # V^i = ViT(V) + alpha * PTA(V)
     "eq5": ["FrameAggregation.forward"],                  # F_V = Avg(MHA(F_1 .. F_T))
     "eq6": ["SelfPromptGenerator.forward"],               # R = Projector(Avg(V))

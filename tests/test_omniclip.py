@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import omniclip
 
@@ -268,16 +269,21 @@ class Stop(Exception):
 
 
 def embed_frames_oracle(model, videos):
-    """Eq. (1) written with CLIP's own patch embedding (X^0 + PE, frozen CLIP, not a part) plus TE
-    row t on every token of frame t: (B·T, 1+K, D). TE may be stored as (T, D) or any shape of T·D."""
-    B, T_ = videos.shape[:2]
-    x = model.clip.visual.embed(videos.flatten(0, 1)).unflatten(0, (B, T_))  # (B, T, 1+K, D)
+    """Eq. (1) written here: patches through CLIP's frozen patch convolution, the class token and
+    PE, then TE row t on every token of frame t: (B·T, 1+K, D). TE may be stored as (T, D) or any
+    shape of T·D values, frame-major."""
+    visual, (B, T_) = model.clip.visual, videos.shape[:2]
+    P = visual.conv1.weight.shape[-1]
+    x = F.conv2d(videos.flatten(0, 1), visual.conv1.weight, stride=P).flatten(2).transpose(1, 2)  # (B·T, K, D)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B·T, 1+K, D)
+    x = (x + visual.positional_embedding).unflatten(0, (B, T_))     # (B, T, 1+K, D)
     te = model.temporal_embedding.reshape(T_, 1, -1)            # (T, 1, D)
     return (x + te).flatten(0, 1)
 
 
 def use_stand_in_embedding(model):
-    """In place of the model's Eq. (1) (OmniCLIP.embed_frames): the oracle above, which is right,
+    """In place of the model's Eq. (1) (OmniCLIP.embed_frames, which calls CLIP's
+    VisionTransformer.embed): the oracle above, which is right,
     so the wiring tests that start from V^0 need no working Eq. (1). A file that computes Eq. (1)
     inside encode_frames has no embed_frames to replace; its own Eq. (1) runs then."""
     model.embed_frames = lambda videos: embed_frames_oracle(model, videos)

@@ -370,7 +370,7 @@ def test_counted_macs_match_the_analytic_count(options):
 
 
 @pytest.mark.cost
-@runs("eq8")
+@runs("eq1", "eq8")                                    # CLIP's patch embedding is part of Eq. (1)
 def test_frame_average_baseline_macs_match_the_analytic_count():
     model = tiny_model()
     baseline = counted_macs(oc.FrameAverageCLIP(model.clip), video(B=1), class_features())
