@@ -5,8 +5,15 @@ How these tests are built, so that they turn red on a wrong line and say which e
   with plain tensor operations (a loop over frames or token positions, an explicit softmax over the
   keys with its 1/sqrt(d) scale, heads cut as contiguous channel blocks), on tiny sizes, after every
   zero-initialised tensor has been moved off zero (`randomize`): a check cannot pass by zeros;
-- isolation: a test feeds its equation reference inputs and replaces the model's other new modules
-  by simple stand-ins (`use_stand_ins`), so a wrong Eq. (6) turns Eq. (6)'s tests red and no others;
+- gradients are part of the equation: each check also compares, by autograd, the gradients of the
+  inputs and of every trainable parameter with the oracle's (a detached input, or a branch run
+  under no_grad, gives the right values and fails here);
+- the equation, not our layout: weights are read through a few documented names, any common
+  attention layout (`attention_weights`), an MLP's Linears by type; scalars may be () or (1,); the
+  SPG prompts are compared up to their order;
+- isolation: a test feeds its equation reference inputs and replaces the model's other new parts
+  by simple stand-ins (`use_stand_ins`), so a wrong Eq. (6) turns Eq. (6)'s tests red and no others
+  (tests/test_isolation.py empties every part a test carries no marker for, and it must pass);
 - each check is a plain function `check_...(oc)` that raises AssertionError with a message naming
   the equation and the first wrong value (expected, got, where). tests/test_misreadings.py breaks
   the model on purpose, the paper read another way, and asserts that the check catches it.
