@@ -238,6 +238,10 @@ def attention_weights(attn, d, what):
     out = next((getattr(attn, n) for n in OUTPUT if isinstance(getattr(attn, n, None), nn.Module)), None)
     if isinstance(out, nn.Sequential):                          # to_out = Sequential(Linear, Dropout)
         out = out[0]
+    if out is None:                                             # the one Linear that is not q, k, v
+        used = {id(W) for W, _ in qkv}
+        others = [m for m in attn.children() if isinstance(m, nn.Linear) and id(m.weight) not in used]
+        out = others[0] if len(others) == 1 else None
     check(out is not None and hasattr(out, "weight"), what,
           f"the attention {type(attn).__name__} has no output Linear named out_proj (or proj, o_proj, out)")
     return qkv + [weight_and_bias(out)]
