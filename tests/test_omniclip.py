@@ -421,16 +421,15 @@ def eq1_oracle(model, x):
     P = visual.conv1.weight.shape[-1]
     W = visual.conv1.weight.reshape(D, -1)                      # (D, 3·P·P)
     te = model.temporal_embedding.reshape(T, D)                 # however it is stored: (T, D)
+    g = x.shape[-1] // P
     out = []
-    for b in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            frame, g = x[b, t], x.shape[-1] // P                # (3, H, W)
-            patches = torch.stack([frame[:, i * P:(i + 1) * P, j * P:(j + 1) * P].reshape(-1)
-                                   for i in range(g) for j in range(g)])  # (K, 3·P·P), row by row
-            X0 = torch.cat([visual.class_embedding[None], patches @ W.T])  # (1+K, D)
-            V0 = X0 + visual.positional_embedding + te[t]
-            out.append(layer_norm(V0, visual.ln_pre))
-    return torch.stack(out)
+    for t in range(x.shape[1]):                                 # frame t of every video
+        frames = x[:, t].reshape(x.shape[0], 3, g, P, g, P)     # (B, 3, row, y, column, x)
+        patches = frames.permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], g * g, -1)  # (B, K, 3·P·P), row by row
+        cls = visual.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
+        X0 = torch.cat([cls, patches @ W.T], dim=1)             # (B, 1+K, D)
+        out.append(layer_norm(X0 + visual.positional_embedding + te[t], visual.ln_pre))
+    return torch.stack(out, dim=1).flatten(0, 1)                # (B·T, 1+K, D), video-major
 
 
 def check_eq1_temporal_embedding(oc=omniclip):
