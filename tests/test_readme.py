@@ -91,6 +91,32 @@ def test_readme_fork_check_command_runs_on_a_fresh_clone():
         assert (ROOT / path).is_file(), f"the README's check command names {path}, which does not exist"
 
 
+def test_readme_learner_steps_run_as_written(tmp_path):
+    """"To write a part yourself": the copy, the emptied function and the `-m eq7` run, as written,
+    in a copy of the repository: Eq. (7)'s tests fail on the emptied forward, with its error."""
+    block = re.search(r"To write a part yourself.*?```bash\n(.+?)\n```", README, flags=re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if not line.startswith("#")]
+    copy, run_eq7, run_all = [c for c in commands if c]
+    assert copy == "cp omniclip.py my_omniclip.py" and "ParallelTemporalAdapter.forward" in block
+    assert run_eq7.startswith("python -m pytest --impl=my_omniclip.py") and "-m eq7" in run_eq7
+    assert run_all == "python -m pytest --impl=my_omniclip.py"
+    shutil.copy(ROOT / "omniclip.py", tmp_path / "omniclip.py")
+    shutil.copytree(ROOT / "tests", tmp_path / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(copy, shell=True, cwd=tmp_path, check=True)
+    mine = tmp_path / "my_omniclip.py"
+    source = mine.read_text()
+    forward = source[source.index("class ParallelTemporalAdapter"):source.index("class STAdapter")]
+    body = forward[forward.index("    def forward(self, x, frames):"):]
+    emptied = "    def forward(self, x, frames):\n        raise NotImplementedError\n\n\n"
+    mine.write_text(source.replace(body, emptied))
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(run_eq7 + " -p no:cacheprovider -q -rf", shell=True, cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    failed = re.findall(r"^FAILED (\S+)", run.stdout, flags=re.M)
+    assert run.returncode == 1 and failed, run.stdout[-3000:]
+    assert "NotImplementedError" in run.stdout, run.stdout[-3000:]
+
+
 def test_readme_shows_the_two_commands_that_ci_runs():
     for marker in ("<!-- command: demo -->", "<!-- command: test -->"):
         assert marker in README
