@@ -32,6 +32,8 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -50,6 +52,14 @@ import eval as evaluation
 import omniclip
 
 BAD_INPUT = (data.InputError, clip_weights.WeightsError)  # one line, exit 2; anything else is a bug
+
+
+class Diverged(FloatingPointError):
+    """The loss is no longer finite (detectron2 raises FloatingPointError at that iteration):
+    the run stops with one line and status 2, and saves nothing."""
+
+
+ONE_LINE = (*BAD_INPUT, Diverged)  # the stops that are one line `error: ...` and status 2, no traceback
 
 # Paper Table 1 (supervised) and Sec. 4 "Implementation Details" (few-shot, zero-shot). Where the
 # paper is silent, X-CLIP's published configuration: few-shot trains 50 epochs at the supervised
@@ -156,6 +166,8 @@ def parse_args(argv=None):
                                                "(X-CLIP's released code)")
     a("--gradient-checkpointing", action="store_true", help="recompute the blocks in backward: "
                                                             "less memory, more time")
+    a("--fp32", action="store_true", help="GPUs: train and test in fp32 instead of bf16 autocast "
+                                          "(slower; for a loss that stops being finite)")
     # the run
     a("--out", help="run folder for checkpoint.pt, log.jsonl, config.json, report.json "
                     "(default runs/<dataset>-<setting>-split<s>-<date>-<time>)")
@@ -400,24 +412,14 @@ RUN_ARGS = ("dataset", "data_root", "split", "shots", "zero_shot", "frames", "mo
 RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step")
 
 
-def atomic_write(path, write):
-    """write(file) into a temporary file of this process beside `path`, then rename it over
-    `path`: a reader (or a run killed mid-write) sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Atomically (data.write_file: a reader, a killed run or a full disk leaves the previous
+    checkpoint as it was), and never with a tensor that is NaN or inf."""
+    name = evaluation.first_non_finite(state)
+    if name:
+        raise Diverged(f"{path}: not written: tensor {name} holds NaN or inf (the previous "
+                       "checkpoint is left as it was)")
+    data.write_file(path, lambda f: torch.save(state, f))
 
 
 def read_resumable(path):
@@ -447,8 +449,12 @@ def take_lock(folder):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+        except OSError as error:   # a full disk: no half-written lock left behind
+            os.remove(path)
+            raise data.WriteError(f"{path}: cannot write: {error.strerror or error}") from None
         return path
 
 
@@ -486,10 +492,11 @@ def default_out(args):
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def prepare_run(args, inputs):
+def prepare_run(args, inputs, model=None):
     """The run folder, on rank 0: a new run gets a new (or empty) folder; --resume continues a
-    checkpoint of the same run (same flags, data root, classes, few-shot list, adapter, CLIP);
-    a folder in use by another process is refused. Nothing is ever deleted."""
+    checkpoint of the same run (same flags, data root, classes, few-shot list, adapter, CLIP,
+    and, given the `model`, trained tensors of its names, shapes and dtypes); a folder in use by
+    another process is refused. Nothing is ever deleted."""
     out = args.out or (os.path.dirname(args.resume) if args.resume not in (None, "auto")
                        else default_out(args))
     own_checkpoint = os.path.join(out, "checkpoint.pt")
@@ -497,11 +504,18 @@ def prepare_run(args, inputs):
     if resume == "auto":
         resume = own_checkpoint if os.path.isfile(own_checkpoint) else None
     if resume:
-        differences = resume_differences(read_resumable(resume), args, inputs)
+        checkpoint = read_resumable(resume)
+        differences = resume_differences(checkpoint, args, inputs)
         if differences:
             raise data.InputError(f"--resume {resume} is another run: it differs in "
                                   f"{'; '.join(differences)}")
-    os.makedirs(out, exist_ok=True)
+        if model is not None:
+            evaluation.load_trained(model, checkpoint["model"], resume, "these flags", load=False)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise data.WriteError(f"{out}: cannot create the run folder: "
+                              f"{error.strerror or error}") from None
     run = RunFolder(out, resume, take_lock(out))
     old = [name for name in RUN_FILES if os.path.exists(run.path(name))]
     in_place = resume and os.path.realpath(resume) == os.path.realpath(own_checkpoint)
@@ -512,9 +526,14 @@ def prepare_run(args, inputs):
                                   "--resume auto, choose another --out, or add --fresh to move "
                                   "its files aside")
         aside = run.path(f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(aside)
-        for name in old:
-            os.replace(run.path(name), os.path.join(aside, name))
+        try:
+            os.makedirs(aside)
+            for name in old:
+                os.replace(run.path(name), os.path.join(aside, name))
+        except OSError as error:
+            run.release()
+            raise data.WriteError(f"{aside}: cannot move the old run aside: "
+                                  f"{error.strerror or error}") from None
         print(f"{out} held a run: moved its {', '.join(old)} to {aside}")
     return run
 
@@ -545,13 +564,13 @@ def resume_differences(checkpoint, args, inputs):
 
 
 def on_rank0(fn, ddp, rank):
-    """fn() on rank 0, its result sent to every rank. Bad input found by rank 0 is raised on every
-    rank, so none waits for a rank that has stopped."""
+    """fn() on rank 0, its result sent to every rank. Bad input found by rank 0, or a file it
+    cannot write, is raised on every rank, so none waits for a rank that has stopped."""
     outcome = [None, None]
     if rank == 0:
         try:
             outcome[0] = fn()
-        except BAD_INPUT as error:
+        except ONE_LINE as error:
             outcome[1] = error
     if ddp:
         dist.broadcast_object_list(outcome, src=0)
@@ -575,11 +594,19 @@ def demo_dataset(root):
                     return root
         raise data.InputError(f"{root} exists but is not the demo's dataset ({marker} missing or "
                               "different): move it away, or give --data-root")
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
-    data.make_synthetic_dataset(tmp, **recipe)
-    evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
-    os.replace(tmp, root)   # complete or absent, never half written
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
+    except OSError as error:
+        raise data.WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+    try:
+        data.make_synthetic_dataset(tmp, **recipe)
+        evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
+        os.replace(tmp, root)   # complete or absent, never half written
+    except OSError as error:
+        raise data.WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # gone once renamed; else what was written
     print(f"demo dataset: generated {root} ({DEMO_DATA['num_classes']} classes x "
           f"{DEMO_DATA['videos_per_class']} videos in HMDB51's layout)")
     return root
@@ -660,6 +687,7 @@ def main(argv=None):
     else:
         rank, local_rank, world_size, device = 0, 0, 1, "cuda" if cuda else "cpu"
     run = None
+    handlers = {s: signal.getsignal(s) for s in StopSignal.SIGNALS}  # train() may leave its own
     try:
         if args.demo:  # one thread per process: the same float sums whatever the core count
             torch.set_num_threads(1)
@@ -669,22 +697,61 @@ def main(argv=None):
         weights = on_rank0(lambda: resolve_weights(args), ddp, rank)  # rank 0 downloads once
         model, inputs.clip_weights = build_model(args, resolve_weights(args) if rank else weights)
         inputs.adapter = model.adapter_name()
-        run = on_rank0(lambda: prepare_run(args, inputs), ddp, rank)
+        run = on_rank0(lambda: prepare_run(args, inputs, model), ddp, rank)
         args.out = run.out
-        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device)
+        command = resume_command(sys.argv[1:] if argv is None else argv, args.out, world_size)
+        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command)
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         if run is not None and rank == 0:
             run.release()
         if ddp:
             dist.destroy_process_group()
 
 
-def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
+def resume_command(argv, out, world_size):
+    """The command that continues this run: the same flags, --out and --resume auto."""
+    kept, skip = [], False
+    for word in map(str, argv):
+        if skip:
+            skip = False
+        elif word in ("--out", "--resume"):
+            skip = True
+        elif not (word == "--fresh" or word.startswith(("--out=", "--resume="))):
+            kept.append(word)
+    launcher = (["torchrun", "--nproc_per_node", str(world_size)] if world_size > 1
+                else ["python"])
+    return shlex.join([*launcher, "train.py", *kept, "--out", out, "--resume", "auto"])
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's notice before it kills a job: SLURM, Kubernetes) and SIGINT (Ctrl-C)
+    become a flag the training loop reads once per optimizer step: the step in progress
+    finishes, the ranks agree, the checkpoint is saved, and the run exits with 128 + the
+    signal's number (143 for SIGTERM), the status of a job its scheduler stopped. A second
+    signal while saving only sets the flag again: the save finishes (and is atomic anyway)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command=None):
     master_process = rank == 0  # the one process that prints and writes files
     start_time = time.time()
     cuda = device.startswith("cuda")
     # bf16 autocast on GPUs (frozen CLIP's LayerNorms and the loss run in fp32); fp32 on the CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    bf16 = cuda and not args.fp32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     class_names, clip_info = inputs.class_names, inputs.clip_weights
     checkpoint_path, log_path = run.path("checkpoint.pt"), run.path("log.jsonl")
     checkpoint = read_resumable(run.resume_from) if run.resume_from else None
@@ -697,11 +764,17 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     # the text tower is frozen: class features once, before training, never inside a step
     class_features = evaluation.text_features(model, class_names, args.template, device)  # (C, E)
     optimizer = make_optimizer(model, args)
-    step = 0
-    if checkpoint is not None:
-        model.load_trainable_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step = checkpoint["step"]
+    step = saved_step = 0
+    if checkpoint is not None:  # prepare_run checked that its tensors fit
+        evaluation.load_trained(model, checkpoint["model"], run.resume_from, "these flags")
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise data.InputError(f"{run.resume_from}: its optimizer state does not fit these "
+                                  f"flags' model ({evaluation.one_line(error)})") from None
+        step = saved_step = checkpoint["step"]
+    else:
+        saved_step = None
     raw_model = model
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
@@ -714,41 +787,58 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # rank 0 writes every file; on_rank0 tells every rank whether it could (a full disk stops
+    # them all with one line, where the others would wait for rank 0 at the next step)
+    on_rank0(lambda: evaluation.write_json(run.path("config.json"), dict(
+        args=vars(args), model=dataclasses.asdict(config), adapter=inputs.adapter,
+        clip_weights=clip_info, world_size=world_size, accumulation=accumulation,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps)),
+        ddp, rank)
+    if inputs.few_shot_list:  # so the run can be repeated exactly
+        on_rank0(lambda: data.write_sample_list(run.path("few_shot_list.txt"),
+                                                inputs.few_shot_list), ddp, rank)
     if master_process:
-        evaluation.write_json(run.path("config.json"), dict(
-            args=vars(args), model=dataclasses.asdict(config), adapter=inputs.adapter,
-            clip_weights=clip_info, world_size=world_size, accumulation=accumulation,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps))
-        if inputs.few_shot_list:  # so the run can be repeated exactly
-            data.write_sample_list(run.path("few_shot_list.txt"), inputs.few_shot_list)
         counts = omniclip.count_parameters(raw_model)
         print(f"OmniCLIP {args.setting} on {args.dataset} split {args.split}: {len(class_names)} "
               f"classes, {len(inputs.train_samples)} training / {len(inputs.test_samples)} test videos")
         print(f"CLIP {clip_info['name']} (sha256 {clip_info['sha256'][:12]}), T={args.frames}, "
               f"{size}px, adapter {inputs.adapter}; trainable {counts['trainable'] / 1e6:.2f}M "
-              f"of {counts['total'] / 1e6:.1f}M parameters; {device}{' bf16' if cuda else ' fp32'}")
+              f"of {counts['total'] / 1e6:.1f}M parameters; {device}{' bf16' if bf16 else ' fp32'}")
         print(f"global batch {args.batch_size} = {args.per_gpu_batch} per process x {world_size} "
               f"process(es) x {accumulation} accumulation step(s); {steps_per_epoch} steps/epoch x "
               f"{args.epochs} epochs = {total_steps} steps, warmup {warmup_steps}")
         print(f"run folder {run.out}" + (f", resuming {run.resume_from} at step {step}"
                                          if checkpoint is not None else ""))
 
-    def log(record):
-        if master_process:
+    def log(record):  # every rank calls it; rank 0 prints and appends the line
+        def write():
             line = json.dumps(record)
             tqdm.write(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
+            data.append_line(log_path, line)  # all of the line or, on a full disk, none
+        on_rank0(write, ddp, rank)
 
-    def save():
-        save_checkpoint(checkpoint_path, dict(
+    def save():  # every rank calls it; rank 0 writes
+        nonlocal saved_step
+        on_rank0(lambda: save_checkpoint(checkpoint_path, dict(
             model=raw_model.trainable_state_dict(), config=dataclasses.asdict(config),
             adapter=inputs.adapter, clip_weights=clip_info, class_names=class_names,
             template=args.template, args=vars(args), optimizer=optimizer.state_dict(),
             scheduler=dict(schedule="linear warmup, cosine", lr=args.lr, min_lr=args.min_lr,
                            warmup_steps=warmup_steps, total_steps=total_steps),
             step=step, epoch=step // steps_per_epoch,
-            few_shot_list=inputs.few_shot_list))
+            few_shot_list=inputs.few_shot_list)), ddp, rank)
+        saved_step = step
+
+    def agree(loss_sum, stop):
+        """Once per optimizer step, one all-reduce of (this step's summed loss, SIGTERM, SIGINT)
+        over the ranks: all see a non-finite loss on any rank, and all stop at the same step."""
+        flags = torch.stack([loss_sum.to(torch.float64), loss_sum.new_tensor(
+            stop.received == signal.SIGTERM, dtype=torch.float64), loss_sum.new_tensor(
+            stop.received == signal.SIGINT, dtype=torch.float64)])
+        if ddp:
+            dist.all_reduce(flags)
+        total, term, interrupt = flags.tolist()
+        return total, signal.SIGTERM if term else signal.SIGINT if interrupt else None
 
     def reduce(totals):  # (loss x clips, correct, clips, skipped) summed over ranks
         totals = totals.clone()
@@ -763,6 +853,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
     window_time, skipped_total, lr = time.time(), 0, 0.0
     bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
+    stop = StopSignal()  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
         plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, args.per_gpu_batch,
@@ -799,6 +890,15 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                                      loss.new_tensor(len(batch.get("errors", [])))]).to(window)
                 window += stats
                 epoch_totals += stats
+                step_loss = stats[0] if micro == 0 else step_loss + stats[0]
+            loss_sum, stopped_by = agree(step_loss, stop)
+            if not math.isfinite(loss_sum):  # before the update: the adapters stay finite
+                last_good = (f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
+                             if saved_step is not None else "no checkpoint was saved yet")
+                raise Diverged(f"step {step + 1}: the training loss is {loss_sum} (summed over "
+                               f"the global batch), not finite; stopped without saving it: "
+                               f"{last_good}. Try a lower --lr (now {args.lr:g})"
+                               + (", or --fp32 instead of bf16 autocast" if bf16 else ""))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -812,8 +912,16 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                          skipped=stats["skipped"]))
                 window.zero_()
                 window_time = now
-            if master_process and (step % args.save_every == 0 or step % steps_per_epoch == 0):
+            if step % args.save_every == 0 or step % steps_per_epoch == 0:
                 save()
+            if stopped_by is not None:  # every rank got here at the same step (agree)
+                if saved_step != step:
+                    save()
+                if master_process:
+                    print(f"stopped by {signal.Signals(stopped_by).name} after step {step} of "
+                          f"{total_steps}: saved {checkpoint_path}; continue with: {command}",
+                          flush=True)
+                raise SystemExit(128 + stopped_by)  # 143 for SIGTERM: "requeue me"
         stats = reduce(epoch_totals)
         skipped_total += stats["skipped"]
         log(dict(epoch=epoch + 1, step=step, lr=lr, loss=round(stats["loss"], 4),
@@ -821,13 +929,14 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                  clips_per_s=round(stats["clips"] / (time.time() - epoch_time), 2),
                  skipped=stats["skipped"], skipped_total=skipped_total,
                  elapsed_s=round(time.time() - start_time, 1)))
+    stop.restore()
     train_time = time.time() - start_time
-    if master_process and not os.path.exists(checkpoint_path):  # e.g. --epochs 0: step 0 saved
+    if saved_step is None:  # e.g. --epochs 0: step 0 saved
         save()
     if args.save_rank_states:  # testing: DDP must leave the same trainable tensors on every rank
         torch.save(raw_model.trainable_state_dict(), run.path(f"rank{rank}.pt"))
-    if master_process and os.path.exists(log_path):
-        evaluation.plot_curves(log_path, run.path("curves.png"))
+    on_rank0(lambda: os.path.exists(log_path) and evaluation.plot_curves(
+        log_path, run.path("curves.png")), ddp, rank)
 
     report = None
     if not args.no_eval:
@@ -839,20 +948,12 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
         report = evaluation.evaluate(raw_model, test_set, class_features, device, batch_size,
                                      distributed=ddp, num_workers=args.workers,
                                      class_names=class_names,
-                                     autocast_dtype=torch.bfloat16 if cuda else None)
+                                     autocast_dtype=torch.bfloat16 if bf16 else None)
         report.update(dataset=args.dataset, split=args.split, setting=args.setting,
                       views=args.test_views, chance=100 / len(class_names),
                       checkpoint=checkpoint_path, clip_weights=clip_info, train_steps=step,
                       train_time_s=round(train_time, 1))
-        if master_process:
-            evaluation.write_json(run.path("report.json"), report)
-            image, _ = evaluation.confusion_image(report["confusion"], class_names,
-                                                  f"{args.dataset} split {args.split} confusion")
-            evaluation.save_image(image, run.path("report.confusion.png"))
-            log(dict(test_top1=report["top1"], test_top5=report["top5"],
-                     test_videos=report["num_videos"], evaluated=report["num_evaluated"],
-                     skipped=report["num_skipped"]))
-    if master_process:
+    if master_process:  # what was computed, on stdout before any write that may fail
         print(f"\ntrained {step} steps ({args.epochs} epochs) in {train_time / 60:.1f} min; "
               f"checkpoint {checkpoint_path}")
         if report is not None:
@@ -860,6 +961,18 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                   f"top-1 {report['top1']:.1f}%  top-5 {report['top5']:.1f}%  "
                   f"(chance {100 / len(class_names):.1f}%); {report['num_videos']} test videos "
                   f"found, {report['num_evaluated']} evaluated, {report['num_skipped']} skipped")
+    if report is not None:
+        def write_report():
+            evaluation.write_json(run.path("report.json"), report)
+            image, _ = evaluation.confusion_image(report["confusion"], class_names,
+                                                  f"{args.dataset} split {args.split} confusion")
+            evaluation.save_image(image, run.path("report.confusion.png"))
+        on_rank0(write_report, ddp, rank)
+        log(dict(test_top1=report["top1"], test_top5=report["top5"],
+                 test_videos=report["num_videos"], evaluated=report["num_evaluated"],
+                 skipped=report["num_skipped"]))
+    if master_process:
+        if report is not None:
             print(f"report {run.path('report.json')}, log {log_path}, curves "
                   f"{run.path('curves.png')}")
         if args.setting == "zero-shot":  # Table 6: HMDB51 / UCF101 test splits 1-3, mean ± std
@@ -871,7 +984,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
 if __name__ == "__main__":
     try:
         main()
-    except BAD_INPUT as error:  # bad input: the message on rank 0, no traceback, status 2
+    except ONE_LINE as error:  # bad input, a full disk, a diverged loss: rank 0's line, status 2
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
