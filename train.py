@@ -188,6 +188,7 @@ def parse_args(argv=None):
                                           "processes a few minutes on 2 cores)")
     # for the tests only: not in --help
     a("--kill-at-step", type=int, help=argparse.SUPPRESS)   # SIGKILL after N optimizer steps
+    a("--wait-at-step", type=int, help=argparse.SUPPRESS)   # step N waits for SIGTERM/SIGINT
     a("--save-rank-states", action="store_true", help=argparse.SUPPRESS)  # --out/rank<r>.pt
     args = p.parse_args(argv)
     if args.demo:
@@ -891,13 +892,15 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                 window += stats
                 epoch_totals += stats
                 step_loss = stats[0] if micro == 0 else step_loss + stats[0]
+            while step + 1 == args.wait_at_step and stop.received is None:  # testing: a long
+                time.sleep(0.01)                                # step, for a signal to land in
             loss_sum, stopped_by = agree(step_loss, stop)
             if not math.isfinite(loss_sum):  # before the update: the adapters stay finite
                 last_good = (f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
                              if saved_step is not None else "no checkpoint was saved yet")
-                raise Diverged(f"step {step + 1}: the training loss is {loss_sum} (summed over "
-                               f"the global batch), not finite; stopped without saving it: "
-                               f"{last_good}. Try a lower --lr (now {args.lr:g})"
+                raise Diverged(f"step {step + 1}: the training loss is {loss_sum}, not finite; "
+                               f"stopped, nothing saved: {last_good}. Try a lower --lr (now "
+                               f"{args.lr:g})"
                                + (", or --fp32 instead of bf16 autocast" if bf16 else ""))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
