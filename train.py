@@ -188,7 +188,7 @@ def parse_args(argv=None):
                                           "processes a few minutes on 2 cores)")
     # for the tests only: not in --help
     a("--kill-at-step", type=int, help=argparse.SUPPRESS)   # SIGKILL after N optimizer steps
-    a("--wait-at-step", type=int, help=argparse.SUPPRESS)   # step N waits for SIGTERM/SIGINT
+    a("--wait-at-step", type=int, help=argparse.SUPPRESS)   # rank 0's step N waits for a signal
     a("--save-rank-states", action="store_true", help=argparse.SUPPRESS)  # --out/rank<r>.pt
     args = p.parse_args(argv)
     if args.demo:
@@ -892,8 +892,8 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                 window += stats
                 epoch_totals += stats
                 step_loss = stats[0] if micro == 0 else step_loss + stats[0]
-            while step + 1 == args.wait_at_step and stop.received is None:  # testing: a long
-                time.sleep(0.01)                                # step, for a signal to land in
+            while step + 1 == args.wait_at_step and master_process and stop.received is None:
+                time.sleep(0.01)  # testing: rank 0's step is long, a signal lands in it
             loss_sum, stopped_by = agree(step_loss, stop)
             if not math.isfinite(loss_sum):  # before the update: the adapters stay finite
                 last_good = (f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
