@@ -1205,8 +1205,9 @@ def video_main(model, args, run, device):
             name, prob = predict(model, video[None], classes, run["template"], device)[0]
             title = f"predicted: {name} ({100 * prob:.1f}%)"
         image, _, _ = attention_maps(model, video, f"{title}; {run['short']}")
+        print(f"attention maps: rows frames, CLIP, OmniCLIP; {title}")  # before a write may fail
         save_image(image, args.attention_maps)
-        print(f"wrote {args.attention_maps}: rows frames, CLIP, OmniCLIP; {title}")
+        print(f"wrote {args.attention_maps}")
     return report
 
 
