@@ -518,6 +518,11 @@ def prepare_run(args, inputs, model=None):
         raise data.WriteError(f"{out}: cannot create the run folder: "
                               f"{error.strerror or error}") from None
     run = RunFolder(out, resume, take_lock(out))
+    for name in os.listdir(out):  # a write killed mid-way (SIGKILL) left its temporary file
+        stem, _, rest = name.rpartition(".tmp")[0].rpartition(".")
+        if name.endswith(".tmp") and stem in RUN_FILES and len(rest) == 8:  # data.write_file's
+            os.remove(run.path(name))  # we hold the lock: no other process is writing it
+            print(f"removed {run.path(name)}, the temporary file of a write that was killed")
     old = [name for name in RUN_FILES if os.path.exists(run.path(name))]
     in_place = resume and os.path.realpath(resume) == os.path.realpath(own_checkpoint)
     if old and not in_place:

@@ -270,12 +270,15 @@ def test_a_full_disk_at_a_checkpoint_stops_training_with_one_line_and_keeps_the_
         dataset, whole_run, tmp_path):
     path = crafted(whole_run, tmp_path / "run", lambda c: c.update(step=4))
     before = path.read_bytes()
+    leftover = tmp_path / "run" / "checkpoint.pt.k1ll3d_x.tmp"   # of a save killed by SIGKILL
+    leftover.write_bytes(before[:100])
     result = subprocess.run([sys.executable, "train.py", *small(dataset, tmp_path / "run",
                                                                 "--resume", "auto")],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
                             preexec_fn=file_size_limit(len(before) // 2))
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr == f"error: {path}: cannot write: File too large\n", result.stderr
+    assert f"removed {leftover}" in result.stdout
     assert path.read_bytes() == before and load(path)["step"] == 4    # the old one, loadable
     nothing_left_over(tmp_path / "run")
     log = (tmp_path / "run" / "log.jsonl").read_text()
