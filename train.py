@@ -750,6 +750,13 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    @staticmethod
+    def ignore_in_worker(worker_id):
+        """A loader worker leaves SIGTERM/SIGINT to the main process: a scheduler signals every
+        process of a job, and a worker killed by it would end the run mid-step, unsaved."""
+        for s in StopSignal.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
 
 def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command=None):
     master_process = rank == 0  # the one process that prints and writes files
@@ -868,6 +875,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[micro for step_plan in plan for micro in step_plan],
             collate_fn=data.collate, num_workers=args.workers, pin_memory=cuda,
+            worker_init_fn=StopSignal.ignore_in_worker,
             generator=torch.Generator().manual_seed(derive_seed(args.seed, epoch, rank)))
         micro_batches = iter(loader)
         epoch_totals, epoch_time = torch.zeros_like(window), time.time()

@@ -8,6 +8,7 @@ saved. A full disk is simulated the way the writer meets it: a file-size limit (
 Python ignores SIGXFSZ, so the write fails with EFBIG, "File too large").
 Everything runs on the CPU: the random tiny CLIP, 2 frames, a few optimizer steps.
 """
+import contextlib
 import fractions
 import json
 import os
@@ -113,14 +114,17 @@ def our_traceback(text):
 def test_sigterm_saves_the_step_and_resume_auto_ends_bitwise_as_the_unbroken_run(
         dataset, whole_run, tmp_path):
     out = tmp_path / "run"
-    # --wait-at-step 3 (for tests): step 3 waits for the signal, as a long step would
-    child = subprocess.Popen([sys.executable, "train.py", *small(dataset, out), "--wait-at-step",
-                              "3"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # --wait-at-step 3 (for tests): step 3 waits for the signal, as a long step would. A loader
+    # worker, and the signal to the whole process group, as a scheduler sends it to a job
+    child = subprocess.Popen([sys.executable, "train.py", *small(dataset, out, "--workers", "1",
+                                                                 "--wait-at-step", "3")],
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
     wait_for_step(out, 2, child)
-    child.send_signal(signal.SIGTERM)
+    os.killpg(child.pid, signal.SIGTERM)
     time.sleep(0.05)
-    child.send_signal(signal.SIGTERM)   # a second one, while it saves, changes nothing
+    with contextlib.suppress(ProcessLookupError):  # a second one, while it saves, changes nothing
+        os.killpg(child.pid, signal.SIGTERM)
     stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, stderr
     last = stdout.strip().splitlines()[-1]
