@@ -18,7 +18,10 @@ no exit code or error file of the child stops that, so the line to read is the o
 
 A run folder (`--out`, default runs/<dataset>-<setting>-split<s>-<date>-<time>) is never
 overwritten: a new run into a folder that holds one is refused (or, with --fresh, its files are
-moved aside), a lock file keeps a second process out, and every file is written atomically.
+moved aside), a lock file keeps a second process out, and every file is written atomically (a full
+disk is one line naming the file; its previous version stays). SIGTERM or SIGINT (a scheduler's
+preemption, Ctrl-C) ends the optimizer step in progress, saves it and exits with 128 + the signal
+(143 for SIGTERM); a loss that is no longer finite stops the run before the update, saving nothing.
 
 Reproducibility, which makes `--resume` exact: the order of an epoch is a function of
 (seed, epoch), the augmentation of a clip of (seed, epoch, index), the mixup/cutmix draw of a
@@ -59,7 +62,7 @@ class Diverged(FloatingPointError):
     the run stops with one line and status 2, and saves nothing."""
 
 
-ONE_LINE = (*BAD_INPUT, Diverged)  # the stops that are one line `error: ...` and status 2, no traceback
+ONE_LINE = (*BAD_INPUT, Diverged)  # the stops that are one line `error: ...`, status 2
 
 # Paper Table 1 (supervised) and Sec. 4 "Implementation Details" (few-shot, zero-shot). Where the
 # paper is silent, X-CLIP's published configuration: few-shot trains 50 epochs at the supervised
@@ -777,7 +780,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     # the text tower is frozen: class features once, before training, never inside a step
     class_features = evaluation.text_features(model, class_names, args.template, device)  # (C, E)
     optimizer = make_optimizer(model, args)
-    step = saved_step = 0
+    step, saved = 0, None  # saved: (path, step) of the last checkpoint on disk
     if checkpoint is not None:  # prepare_run checked that its tensors fit
         evaluation.load_trained(model, checkpoint["model"], run.resume_from, "these flags")
         try:
@@ -785,9 +788,8 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
         except (ValueError, KeyError) as error:
             raise data.InputError(f"{run.resume_from}: its optimizer state does not fit these "
                                   f"flags' model ({evaluation.one_line(error)})") from None
-        step = saved_step = checkpoint["step"]
-    else:
-        saved_step = None
+        step = checkpoint["step"]
+        saved = (run.resume_from, step)
     raw_model = model
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
@@ -831,7 +833,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
         on_rank0(write, ddp, rank)
 
     def save():  # every rank calls it; rank 0 writes
-        nonlocal saved_step
+        nonlocal saved
         on_rank0(lambda: save_checkpoint(checkpoint_path, dict(
             model=raw_model.trainable_state_dict(), config=dataclasses.asdict(config),
             adapter=inputs.adapter, clip_weights=clip_info, class_names=class_names,
@@ -840,7 +842,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                            warmup_steps=warmup_steps, total_steps=total_steps),
             step=step, epoch=step // steps_per_epoch,
             few_shot_list=inputs.few_shot_list)), ddp, rank)
-        saved_step = step
+        saved = (checkpoint_path, step)
 
     def agree(loss_sum, stop):
         """Once per optimizer step, one all-reduce of (this step's summed loss, SIGTERM, SIGINT)
@@ -909,8 +911,8 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                 time.sleep(0.01)  # testing: rank 0's step is long, a signal lands in it
             loss_sum, stopped_by = agree(step_loss, stop)
             if not math.isfinite(loss_sum):  # before the update: the adapters stay finite
-                last_good = (f"the last good checkpoint is {checkpoint_path} (step {saved_step})"
-                             if saved_step is not None else "no checkpoint was saved yet")
+                last_good = (f"the last good checkpoint is {saved[0]} (step {saved[1]})"
+                             if saved else "no checkpoint was saved yet")
                 raise Diverged(f"step {step + 1}: the training loss is {loss_sum}, not finite; "
                                f"stopped, nothing saved: {last_good}. Try a lower --lr (now "
                                f"{args.lr:g})"
@@ -931,7 +933,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
             if step % args.save_every == 0 or step % steps_per_epoch == 0:
                 save()
             if stopped_by is not None:  # every rank got here at the same step (agree)
-                if saved_step != step:
+                if saved != (checkpoint_path, step):
                     save()
                 if master_process:
                     print(f"stopped by {signal.Signals(stopped_by).name} after step {step} of "
@@ -947,7 +949,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                  elapsed_s=round(time.time() - start_time, 1)))
     stop.restore()
     train_time = time.time() - start_time
-    if saved_step is None:  # e.g. --epochs 0: step 0 saved
+    if saved is None or saved[0] != checkpoint_path:  # e.g. --epochs 0: step 0 saved
         save()
     if args.save_rank_states:  # testing: DDP must leave the same trainable tensors on every rank
         torch.save(raw_model.trainable_state_dict(), run.path(f"rank{rank}.pt"))
