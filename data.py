@@ -201,17 +201,16 @@ def _check_complete(path, container, stream, times):
                              f"{round((end - a) / step)} frames missing; truncated or damaged)")
         holes.append((times[-1], end))  # the file's duration may be another stream's
     for a, b in holes:
+        where = f"{path}: no frames from {a + step - start:.2f} s to {b - start:.2f} s"
         if skips is None:
-            return (f"{path}: no frames from {a - start:.2f} s to {b - start:.2f} s: a pause in "
-                    "a variable-frame-rate recording, or frames lost; the file does not show "
-                    "which (used as it is)")
+            return (f"{where}: a pause in a variable-frame-rate recording, or frames lost; the "
+                    "file does not show which (used as it is)")
         skipped = sum(n for t0, t1, n in skips if min(t0, t1) <= b + 4 * step
-                      and max(t0, t1) >= a - 4 * step)
+                      and max(t0, t1) >= a - 4 * step)  # the skip around the hole, B-frames too
         if skipped:
-            raise VideoError(f"{path}: no frames from {a + step - start:.2f} s to "
-                             f"{b - start:.2f} s of the {duration:.2f} s its header states, where the demuxer skipped "
-                             f"{skipped} bytes it could not read (about {round((b - a) / step) - 1} "
-                             "frames missing; truncated or damaged)")
+            raise VideoError(f"{where} of the {duration:.2f} s its header states, where the "
+                             f"demuxer skipped {skipped} bytes it could not read (about "
+                             f"{round((b - a) / step) - 1} frames missing; truncated or damaged)")
     return None
 
 
@@ -231,8 +230,9 @@ def _demuxed_layout(path, index):
             if skips is None or packet.pos is None or packet.pos < 0:
                 skips = None
                 continue
-            if covered is not None and packet.pos - covered > SKIPPED_BYTES and None not in (last, t):
-                skips.append((last, t, packet.pos - covered))
+            gap = 0 if covered is None else packet.pos - covered   # bytes no packet holds
+            if gap > SKIPPED_BYTES and None not in (last, t):
+                skips.append((last, t, gap))
             covered, last = max(covered or 0, packet.pos + packet.size), t
     return skips, stream_end
 

@@ -414,4 +414,4 @@ def test_a_cluster_the_demuxer_skipped_is_damage_a_hole_it_cannot_explain_a_warn
     monkeypatch.setattr(data, "_demuxed_layout", lambda path, index: (None, None))
     assert data.check_video(pause) == 21
     warning = data.video_warning(pause)
-    assert warning.startswith(f"{pause}: no frames from 0.33 s to 1.67 s"), warning
+    assert warning.startswith(f"{pause}: no frames from 0.37 s to 1.67 s"), warning
