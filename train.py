@@ -696,7 +696,8 @@ def main(argv=None):
     else:
         rank, local_rank, world_size, device = 0, 0, 1, "cuda" if cuda else "cpu"
     run = None
-    handlers = {s: signal.getsignal(s) for s in StopSignal.SIGNALS}  # train() may leave its own
+    stop = StopSignal("stopped by {signal} before the first step: nothing to save; run the same "
+                      "command again")
     try:
         if args.demo:  # one thread per process: the same float sums whatever the core count
             torch.set_num_threads(1)
@@ -709,10 +710,14 @@ def main(argv=None):
         run = on_rank0(lambda: prepare_run(args, inputs, model), ddp, rank)
         args.out = run.out
         command = resume_command(sys.argv[1:] if argv is None else argv, args.out, world_size)
-        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command)
+        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command,
+                     stop)
+    except Stopped as stopped:  # a signal outside the steps: its line, and the signal's status
+        if rank == 0:
+            print(stopped, flush=True)
+        raise SystemExit(128 + stopped.signum) from None
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+        stop.restore()
         if run is not None and rank == 0:
             run.release()
         if ddp:
@@ -734,20 +739,32 @@ def resume_command(argv, out, world_size):
     return shlex.join([*launcher, "train.py", *kept, "--out", out, "--resume", "auto"])
 
 
+class Stopped(Exception):
+    """A signal outside the training steps, where there is nothing a checkpoint could keep."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 class StopSignal:
-    """SIGTERM (a scheduler's notice before it kills a job: SLURM, Kubernetes) and SIGINT (Ctrl-C)
-    become a flag the training loop reads once per optimizer step: the step in progress
-    finishes, the ranks agree, the checkpoint is saved, and the run exits with 128 + the
-    signal's number (143 for SIGTERM), the status of a job its scheduler stopped. A second
-    signal while saving only sets the flag again: the save finishes (and is atomic anyway)."""
+    """SIGTERM (a scheduler's notice before it kills a job: SLURM, Kubernetes) and SIGINT (Ctrl-C).
+    Inside the training steps (`message` None) a signal is a flag the loop reads once per
+    optimizer step: the step in progress finishes, the ranks agree, the checkpoint is saved, and
+    the run exits with 128 + the signal's number (143 for SIGTERM), the status of a job its
+    scheduler stopped. A second signal while saving only sets the flag again: the save finishes
+    (and is atomic anyway). Before the first step and after the last, it stops the run at once
+    (Stopped) with `message`, and the same status."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.received = None
+    def __init__(self, message):
+        self.received, self.message = None, message
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame):
         self.received = self.received or signum
+        if self.message is not None:
+            raise Stopped(signum, self.message.format(signal=signal.Signals(signum).name))
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -761,7 +778,7 @@ class StopSignal:
             signal.signal(s, signal.SIG_IGN)
 
 
-def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command=None):
+def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command, stop):
     master_process = rank == 0  # the one process that prints and writes files
     start_time = time.time()
     cuda = device.startswith("cuda")
@@ -868,7 +885,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
     window_time, skipped_total, lr = time.time(), 0, 0.0
     bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
-    stop = StopSignal()  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
+    stop.message = None  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
         plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, args.per_gpu_batch,
@@ -947,10 +964,14 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                  clips_per_s=round(stats["clips"] / (time.time() - epoch_time), 2),
                  skipped=stats["skipped"], skipped_total=skipped_total,
                  elapsed_s=round(time.time() - start_time, 1)))
-    stop.restore()
     train_time = time.time() - start_time
     if saved is None or saved[0] != checkpoint_path:  # e.g. --epochs 0: step 0 saved
         save()
+    stop.message = (f"stopped by {{signal}} after the last step ({step}), before the evaluation "
+                    f"and its report were written: {checkpoint_path} is saved; evaluate it with: "
+                    f"{command}")
+    if stop.received:  # it came during the final save: stop now, as it asked
+        stop.handle(stop.received, None)
     if args.save_rank_states:  # testing: DDP must leave the same trainable tensors on every rank
         torch.save(raw_model.trainable_state_dict(), run.path(f"rank{rank}.pt"))
     on_rank0(lambda: os.path.exists(log_path) and evaluation.plot_curves(
