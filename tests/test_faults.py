@@ -139,8 +139,9 @@ def test_sigterm_saves_the_step_and_resume_auto_ends_bitwise_as_the_unbroken_run
 
 
 def torchrun(root, out, *extra):
-    """2 processes (gloo): global batch 4 = 1 per process x 2 x 2 accumulation steps; 1 epoch."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    """2 processes (gloo): global batch 4 = 1 per process x 2 x 2 accumulation steps; 1 epoch.
+    --standalone: a free port of its own, so two runs (and other tests') can run side by side."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             os.path.join(ROOT, "train.py"), *small(root, out, "--per-gpu-batch", "1", "--epochs",
                                                    "1", *extra)]
 
@@ -148,9 +149,8 @@ def torchrun(root, out, *extra):
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_auto_is_exact(dataset,
                                                                                  tmp_path):
     whole, out = tmp_path / "whole", tmp_path / "run"
-    result = subprocess.run(torchrun(dataset, whole), cwd=tmp_path, env=ENV, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    unbroken = subprocess.Popen(torchrun(dataset, whole), cwd=tmp_path, env=ENV,  # meanwhile
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # SIGTERM to rank 0 alone (its pid is in the run's lock file); rank 1, already waiting in
     # step 2's all-reduce, must learn of it there and stop at the same step. (Sent to torchrun's
     # agent, as SLURM and Kubernetes do, it is forwarded to every rank: the easier case.)
@@ -164,6 +164,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_auto_is_exa
     assert not our_traceback(stderr), stderr
     assert load(out / "checkpoint.pt")["step"] == 2
     nothing_left_over(out)
+    _, stderr = unbroken.communicate(timeout=300)
+    assert unbroken.returncode == 0, stderr[-3000:]
     result = subprocess.run(torchrun(dataset, out, "--resume", "auto"), cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
