@@ -50,6 +50,13 @@ class WriteError(InputError):
     line naming it and the OS's reason. Its previous version is left as it was. An InputError
     so that every script already ends with that one line and status 2, not a traceback."""
 
+    def __init__(self, path, reason):
+        super().__init__(path, reason)  # both in args: it pickles (DDP sends it to every rank)
+        self.path, self.reason = path, reason
+
+    def __str__(self):
+        return f"{self.path}: cannot write: {self.reason}"
+
 
 # ----------------------------------------------------------------------------------------------
 # Writing files: every file the scripts write (checkpoints, logs, reports, pictures, lists, the
@@ -85,7 +92,7 @@ def write_file(path, write, mode="wb"):
         reason = _reason(error)
         if reason is None and "inline_container" not in str(error):
             raise  # a RuntimeError that is no failed write: a bug, with its traceback
-        raise WriteError(f"{path}: cannot write: {reason or error}") from None
+        raise WriteError(path, reason or str(error)) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -99,7 +106,7 @@ def append_line(path, line):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as error:
-        raise WriteError(f"{path}: cannot write: {error.strerror or error}") from None
+        raise WriteError(path, error.strerror or str(error)) from None
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         try:
@@ -108,7 +115,7 @@ def append_line(path, line):
                 view = view[os.write(fd, view):]
         except OSError as error:
             os.ftruncate(fd, size)
-            raise WriteError(f"{path}: cannot write: {error.strerror or error}") from None
+            raise WriteError(path, error.strerror or str(error)) from None
     finally:
         os.close(fd)
 
@@ -902,7 +909,7 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.")
     except OSError as error:
-        raise WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+        raise WriteError(root, error.strerror or str(error)) from None
     try:
         width, height = size
         os.makedirs(os.path.join(tmp, "testTrainMulti_7030_splits"))
@@ -918,15 +925,15 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
             for split in (1, 2, 3):
                 order = np.random.default_rng([seed, c, split]).permutation(videos_per_class)
                 test = set(order[:num_test].tolist())
-                split_file = os.path.join(tmp, "testTrainMulti_7030_splits",
-                                          f"{name}_test_split{split}.txt")
-                write_file(split_file, lambda f: f.writelines(
-                    f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos)), "w")
-        write_file(os.path.join(tmp, "synthetic.json"), lambda f: json.dump(settings, f), "w")
+                split_file = f"{name}_test_split{split}.txt"
+                with open(os.path.join(tmp, "testTrainMulti_7030_splits", split_file), "w") as f:
+                    f.writelines(f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos))
+        with open(os.path.join(tmp, "synthetic.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f)
         os.chmod(tmp, 0o755)   # mkdtemp makes it private
         os.replace(tmp, root)  # `root`, if it exists, is an empty folder: replaced
     except OSError as error:   # PyAV's errors are OSErrors too
-        raise WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+        raise WriteError(root, error.strerror or str(error)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else what was written
     return names

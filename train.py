@@ -458,7 +458,7 @@ def take_lock(folder):
                 json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
         except OSError as error:   # a full disk: no half-written lock left behind
             os.remove(path)
-            raise data.WriteError(f"{path}: cannot write: {error.strerror or error}") from None
+            raise data.WriteError(path, error.strerror or str(error)) from None
         return path
 
 
@@ -518,8 +518,7 @@ def prepare_run(args, inputs, model=None):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
-        raise data.WriteError(f"{out}: cannot create the run folder: "
-                              f"{error.strerror or error}") from None
+        raise data.WriteError(out, error.strerror or str(error)) from None
     run = RunFolder(out, resume, take_lock(out))
     for name in os.listdir(out):  # a write killed mid-way (SIGKILL) left its temporary file
         stem, _, rest = name.rpartition(".tmp")[0].rpartition(".")
@@ -541,8 +540,7 @@ def prepare_run(args, inputs, model=None):
                 os.replace(run.path(name), os.path.join(aside, name))
         except OSError as error:
             run.release()
-            raise data.WriteError(f"{aside}: cannot move the old run aside: "
-                                  f"{error.strerror or error}") from None
+            raise data.WriteError(aside, error.strerror or str(error)) from None
         print(f"{out} held a run: moved its {', '.join(old)} to {aside}")
     return run
 
@@ -607,13 +605,15 @@ def demo_dataset(root):
         os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
     except OSError as error:
-        raise data.WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+        raise data.WriteError(root, error.strerror or str(error)) from None
     try:
         data.make_synthetic_dataset(tmp, **recipe)
         evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
         os.replace(tmp, root)   # complete or absent, never half written
+    except data.WriteError as error:  # named by the temporary folder's path: name the dataset's
+        raise data.WriteError(root, error.reason) from None
     except OSError as error:
-        raise data.WriteError(f"{root}: cannot write: {error.strerror or error}") from None
+        raise data.WriteError(root, error.strerror or str(error)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # gone once renamed; else what was written
     print(f"demo dataset: generated {root} ({DEMO_DATA['num_classes']} classes x "
@@ -932,8 +932,8 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                              if saved else "no checkpoint was saved yet")
                 raise Diverged(f"step {step + 1}: the training loss is {loss_sum}, not finite; "
                                f"stopped, nothing saved: {last_good}. Try a lower --lr (now "
-                               f"{args.lr:g})"
-                               + (", or --fp32 instead of bf16 autocast" if bf16 else ""))
+                               f"{args.lr:g})" + (", or --fp32 instead of bf16 autocast" if bf16
+                                                  else " (this run is in fp32 already, not bf16)"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
