@@ -103,6 +103,21 @@ def wait_for_step(out, step, process, timeout=120):
     raise AssertionError(f"no step {step} in {out}/log.jsonl after {timeout} s")
 
 
+@contextlib.contextmanager
+def stopped_at_the_end(*processes):
+    """A test that fails leaves no run behind: torchrun's agent, sent SIGTERM, ends its ranks."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=60)
+                process.kill()
+                process.wait()
+
+
 def our_traceback(text):
     """A traceback through one of our scripts (torchrun's agent prints its own: not ours)."""
     return re.search(r'File ".*(train|eval|data)\.py"', text)
@@ -120,12 +135,13 @@ def test_sigterm_saves_the_step_and_resume_auto_ends_bitwise_as_the_unbroken_run
                                                                  "--wait-at-step", "3")],
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
-    wait_for_step(out, 2, child)
-    os.killpg(child.pid, signal.SIGTERM)
-    time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):  # a second one, while it saves, changes nothing
+    with stopped_at_the_end(child):
+        wait_for_step(out, 2, child)
         os.killpg(child.pid, signal.SIGTERM)
-    stdout, stderr = child.communicate(timeout=120)
+        time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):  # a second one, while it saves: no change
+            os.killpg(child.pid, signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, stderr
     last = stdout.strip().splitlines()[-1]
     assert last.startswith(f"stopped by SIGTERM after step 3 of 8: saved {out / 'checkpoint.pt'}")
@@ -156,16 +172,17 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_auto_is_exa
     # agent, as SLURM and Kubernetes do, it is forwarded to every rank: the easier case.)
     agent = subprocess.Popen(torchrun(dataset, out, "--wait-at-step", "2"), cwd=tmp_path, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(out, 1, agent)
-    os.kill(json.loads((out / train.LOCK).read_text())["pid"], signal.SIGTERM)
-    stdout, stderr = agent.communicate(timeout=120)
+    with stopped_at_the_end(unbroken, agent):
+        wait_for_step(out, 1, agent)
+        os.kill(json.loads((out / train.LOCK).read_text())["pid"], signal.SIGTERM)
+        stdout, stderr = agent.communicate(timeout=120)
+        _, unbroken_err = unbroken.communicate(timeout=300)
     assert stdout.count("stopped by SIGTERM") == 1, stdout + stderr      # rank 0's line only
     assert f"stopped by SIGTERM after step 2 of 4: saved {out / 'checkpoint.pt'}" in stdout
     assert not our_traceback(stderr), stderr
     assert load(out / "checkpoint.pt")["step"] == 2
     nothing_left_over(out)
-    _, stderr = unbroken.communicate(timeout=300)
-    assert unbroken.returncode == 0, stderr[-3000:]
+    assert unbroken.returncode == 0, unbroken_err[-3000:]
     result = subprocess.run(torchrun(dataset, out, "--resume", "auto"), cwd=tmp_path, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
