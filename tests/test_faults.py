@@ -92,13 +92,13 @@ def assert_same_tensors(a, b):
 
 def wait_for_step(out, step, process, timeout=120):
     """Until log.jsonl holds the line of `step` (the process is then inside the next step)."""
-    deadline = time.time() + timeout
+    deadline, log = time.time() + timeout, os.path.join(out, "log.jsonl")
     while time.time() < deadline:
         assert process.poll() is None, process.communicate()
-        with open(os.path.join(out, "log.jsonl")) if os.path.exists(
-                os.path.join(out, "log.jsonl")) else open(os.devnull) as f:
-            if any(json.loads(line).get("step") == step for line in f if line.strip()):
-                return
+        with open(log if os.path.exists(log) else os.devnull) as f:
+            lines = [line for line in f if line.endswith("\n")]   # whole lines only
+        if any(json.loads(line).get("step") == step for line in lines):
+            return
         time.sleep(0.05)
     raise AssertionError(f"no step {step} in {out}/log.jsonl after {timeout} s")
 
