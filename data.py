@@ -18,7 +18,9 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +43,81 @@ class InputError(Exception):
 
 class VideoError(InputError):
     """A video that cannot be read; the message names the file and the cause."""
+
+
+class WriteError(InputError):
+    """A file that could not be written (a full disk, a file-size limit, no permission): one
+    line naming it and the OS's reason. Its previous version is left as it was. An InputError
+    so that every script already ends with that one line and status 2, not a traceback."""
+
+    def __init__(self, path, reason):
+        super().__init__(path, reason)  # both in args: it pickles (DDP sends it to every rank)
+        self.path, self.reason = path, reason
+
+    def __str__(self):
+        return f"{self.path}: cannot write: {self.reason}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing files: every file the scripts write (checkpoints, logs, reports, pictures, lists, the
+# synthetic dataset) goes through these two functions, so a full disk costs no earlier work.
+
+def _reason(error):
+    """The OS's reason behind a failed write: torch.save's zip writer reports a failed write as
+    RuntimeError("[enforce fail at inline_container.cc:...]"), with the OSError as its context."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error.strerror or str(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_file(path, write, mode="wb"):
+    """write(f) into a temporary file beside `path`, flushed to disk, then renamed over `path`:
+    a reader, or a run killed mid-write, sees the old file or the new one, never half of one.
+    If the write fails (ENOSPC, EFBIG, EACCES, ...) the temporary file is removed, `path` keeps
+    its previous version, and a WriteError names `path` and the OS's reason."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, mode, **({} if "b" in mode else dict(encoding="utf-8"))) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report or checkpoint is not
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError) as error:
+        reason = _reason(error)
+        if reason is None and "inline_container" not in str(error):
+            raise  # a RuntimeError that is no failed write: a bug, with its traceback
+        raise WriteError(path, reason or str(error)) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def append_line(path, line):
+    """Append one line to a log: all of it or, if the disk is full, none (the file is cut back
+    to its old size), so the log never ends in half a JSON line."""
+    encoded = (line + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise WriteError(path, error.strerror or str(error)) from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(encoded)
+            while view:                      # os.write may write part of it
+                view = view[os.write(fd, view):]
+        except OSError as error:
+            os.ftruncate(fd, size)
+            raise WriteError(path, error.strerror or str(error)) from None
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,11 +166,20 @@ def _header_seconds(container, stream):
     return container.duration / 1e6 if container.duration else None
 
 
+# Matroska/WebM put a few bytes of block and cluster header between two packets; a demuxer that
+# skips more than this between them has resynced past data it could not read
+SKIPPED_BYTES = 256
+
+
 def _check_complete(path, container, stream, times):
-    """Damage the decoder may never report: compare the packets found with the header.
+    """Damage the decoder may never report, told apart from a variable frame rate.
     `times`: presentation times (s) of the stream's packets, None where a packet has none.
-    A cut file ends early; a damaged stretch is skipped by the demuxer (Matroska/WebM resync at
-    the next cluster) and leaves a hole in time; AVI and MP4 also list their frame count."""
+    Proof of damage, raised as a VideoError: fewer packets than the header lists (AVI, MP4);
+    the stream ending well before the duration its header states (a cut file); a hole in time
+    where the demuxer skipped bytes (Matroska/WebM resync at the next cluster after a damaged
+    one). A hole alone proves nothing: phones record at a variable rate, change it mid-stream
+    and pause, and such a video decodes as a normal one. Returns a warning (the doctor's WARN;
+    the video is used) for a hole whose cause the file cannot show, else None."""
     listed = stream.frames
     slack = max(2, listed // 100)  # encoder flush and dropped-frame markers: a frame or two
     if listed and len(times) < listed - slack:
@@ -102,20 +188,60 @@ def _check_complete(path, container, stream, times):
     duration = _header_seconds(container, stream)
     times = sorted(t for t in times if t is not None)
     if not duration or len(times) < 3:
-        return
-    step = float(np.median(np.diff(times)))  # the frame interval; a median keeps variable rates
+        return None
+    step = float(np.median(np.diff(times)))  # the usual frame interval, whatever the rate
     start = times[0] if stream.start_time is None else float(stream.start_time * stream.time_base)
     end = start + duration
-    # time without frames: before the first, after the last, and gaps of over 4 intervals
-    holes = [(start, times[0]), (times[-1] + step, end)]
-    holes += [(a + step, b) for a, b in zip(times, times[1:]) if b - a > 4 * step]
-    missing = sum(max(0.0, b - a) for a, b in holes)
-    if missing > max(0.05 * duration, 3 * step):
-        a, b = max(holes, key=lambda hole: hole[1] - hole[0])
-        where = (f"the video stream ends at {a - start:.2f} s" if b == end
-                 else f"no frames from {a - start:.2f} s to {b - start:.2f} s")
-        raise VideoError(f"{path}: {where} of the {duration:.2f} s its header states (about "
-                         f"{round(missing / step)} frames missing; truncated or damaged)")
+    # a hole between two frames: only where no index lists every frame (Matroska and WebM keep
+    # none), since an index that lists them all and matches the packets has lost none
+    holes = [] if listed else [(a, b) for a, b in zip(times, times[1:]) if b - a > 4 * step]
+    short = end - (times[-1] + step) > max(0.05 * duration, 3 * step)
+    if not (holes or short):
+        return None
+    skips, stream_end = _demuxed_layout(path, stream.index)   # a second look, rare: no decoding
+    if short and end - max(stream_end or 0, times[-1] + step) > max(0.05 * duration, 3 * step):
+        a = max(stream_end or 0, times[-1] + step)
+        own = bool(stream.duration) or "DURATION" in stream.metadata
+        if own or len(container.streams) == 1:  # the header's duration is this stream's
+            raise VideoError(f"{path}: the video stream ends at {a - start:.2f} s of the "
+                             f"{duration:.2f} s its header states (about "
+                             f"{round((end - a) / step)} frames missing; truncated or damaged)")
+        holes.append((times[-1], end))  # the file's duration may be another stream's
+    for a, b in holes:
+        where = f"{path}: no frames from {a + step - start:.2f} s to {b - start:.2f} s"
+        if skips is None:
+            return (f"{where}: a pause in a variable-frame-rate recording, or frames lost; the "
+                    "file does not show which (used as it is)")
+        skipped = sum(n for t0, t1, n in skips if min(t0, t1) <= b + 4 * step
+                      and max(t0, t1) >= a - 4 * step)  # the skip around the hole, B-frames too
+        if skipped:
+            raise VideoError(f"{where} of the {duration:.2f} s its header states, where the "
+                             f"demuxer skipped {skipped} bytes it could not read (about "
+                             f"{round((b - a) / step) - 1} frames missing; truncated or damaged)")
+    return None
+
+
+def _demuxed_layout(path, index):
+    """Where a demuxer skipped bytes, and where stream `index` really ends: ([(time before (s),
+    time after (s), bytes skipped)], last packet's end (s) or None). The skips are None when the
+    container gives no packet positions. Demuxes every stream (audio sits between the frames)."""
+    skips, covered, last, stream_end = [], None, None, None
+    with av.open(path) as container:
+        for packet in container.demux():
+            if not packet.size:
+                continue
+            t = None if packet.pts is None else float(packet.pts * packet.time_base)
+            if packet.stream.index == index and t is not None:
+                end = t + float((packet.duration or 0) * packet.time_base)
+                stream_end = end if stream_end is None else max(stream_end, end)
+            if skips is None or packet.pos is None or packet.pos < 0:
+                skips = None
+                continue
+            gap = 0 if covered is None else packet.pos - covered   # bytes no packet holds
+            if gap > SKIPPED_BYTES and None not in (last, t):
+                skips.append((last, t, gap))
+            covered, last = max(covered or 0, packet.pos + packet.size), t
+    return skips, stream_end
 
 
 def _packet_times(container, stream):
@@ -180,6 +306,13 @@ def check_video(path):
     count = []
     read_frames(path, lambda n: count.append(n) or [0, n - 1])
     return count[0]
+
+
+def video_warning(path):
+    """The doctor's WARN for a video that decodes: a hole in its timeline that the file cannot
+    tell from a variable frame rate (see _check_complete), else None."""
+    with _open_video(path) as (container, stream):
+        return _check_complete(path, container, stream, _packet_times(container, stream))
 
 
 def write_video(path, frames, fps=30, codec="mpeg4", options=None, bit_rate=None):
@@ -671,9 +804,7 @@ def few_shot(samples, shots, seed, class_names=None):
 
 def write_sample_list(path, samples):
     """Lines "<path> <label>", written atomically, to repeat a few-shot run exactly."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(f"{p} {int(label)}\n" for p, label in samples)
-    os.replace(path + ".tmp", path)
+    write_file(path, lambda f: f.writelines(f"{p} {int(label)}\n" for p, label in samples), "w")
 
 
 def read_sample_list(path):
@@ -748,7 +879,8 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
     about 70/30 train/test, a different partition per split. Deterministic from the seed.
     Returns the class names in label order (sorted, as load_dataset numbers them).
     Never writes into a folder that holds anything but this same dataset, and deletes nothing:
-    root/synthetic.json, written last, records the settings of a complete dataset."""
+    the dataset appears at `root` only when complete (a full disk leaves no trace), and
+    root/synthetic.json records its settings."""
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise InputError(f"--classes {num_classes}: choose 1 to {len(SYNTHETIC_CLASSES)}")
     if videos_per_class < 2:  # at least one training and one test video per class
@@ -770,25 +902,40 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
             raise InputError(f"{root}: holds a synthetic dataset made with other settings "
                              f"({made}); choose a new folder, nothing was written")
         return names  # already there, complete
-    width, height = size
-    os.makedirs(os.path.join(root, "testTrainMulti_7030_splits"), exist_ok=True)
-    for c, (name, shape, motion) in enumerate(classes):
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        videos = [f"{name}_{i:02d}.avi" for i in range(videos_per_class)]
-        for i, video in enumerate(videos):
-            rng = np.random.default_rng([seed, c, i])
-            write_video(os.path.join(root, name, video),
-                        render_synthetic_video(shape, motion, frames, width, height, rng), fps=fps,
-                        bit_rate=max(400_000, width * height * 8))
-        num_test = max(1, round(0.3 * videos_per_class))
-        for split in (1, 2, 3):
-            order = np.random.default_rng([seed, c, split]).permutation(videos_per_class)
-            test = set(order[:num_test].tolist())
-            split_file = f"{name}_test_split{split}.txt"
-            with open(os.path.join(root, "testTrainMulti_7030_splits", split_file), "w") as f:
-                f.writelines(f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos))
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump(settings, f)
+    # Written into a temporary folder beside `root`, renamed to `root` when complete: a full
+    # disk leaves nothing behind (the temporary folder is removed), never half a dataset.
+    parent = os.path.dirname(os.path.abspath(root))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(root)}.")
+    except OSError as error:
+        raise WriteError(root, error.strerror or str(error)) from None
+    try:
+        width, height = size
+        os.makedirs(os.path.join(tmp, "testTrainMulti_7030_splits"))
+        for c, (name, shape, motion) in enumerate(classes):
+            os.makedirs(os.path.join(tmp, name))
+            videos = [f"{name}_{i:02d}.avi" for i in range(videos_per_class)]
+            for i, video in enumerate(videos):
+                rng = np.random.default_rng([seed, c, i])
+                write_video(os.path.join(tmp, name, video),
+                            render_synthetic_video(shape, motion, frames, width, height, rng),
+                            fps=fps, bit_rate=max(400_000, width * height * 8))
+            num_test = max(1, round(0.3 * videos_per_class))
+            for split in (1, 2, 3):
+                order = np.random.default_rng([seed, c, split]).permutation(videos_per_class)
+                test = set(order[:num_test].tolist())
+                split_file = f"{name}_test_split{split}.txt"
+                with open(os.path.join(tmp, "testTrainMulti_7030_splits", split_file), "w") as f:
+                    f.writelines(f"{v} {2 if i in test else 1}\n" for i, v in enumerate(videos))
+        with open(os.path.join(tmp, "synthetic.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        os.chmod(tmp, 0o755)   # mkdtemp makes it private
+        os.replace(tmp, root)  # `root`, if it exists, is an empty folder: replaced
+    except OSError as error:   # PyAV's errors are OSErrors too
+        raise WriteError(root, error.strerror or str(error)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else what was written
     return names
 
 
@@ -814,8 +961,9 @@ def progress(iterable, total=None, desc="", seconds=30):
 
 def doctor(dataset, root, split=1, workers=None):
     """Print counts per split and class, then every missing file, every video that does not
-    decode (with the reason) and every video in both lists. Returns the exit status: 0 when all
-    is well, 1 when some video is bad; a layout that cannot be read is an InputError (status 2)."""
+    decode (with the reason) and every video in both lists (BAD), and every video whose timeline
+    has a hole the file cannot explain (WARN: training uses it). Returns the exit status: 0 when
+    no video is bad, 1 when some is; a layout that cannot be read is an InputError (status 2)."""
     lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
     classes = lists["train"][1]
     counts = {s: collections.Counter(label for _, label in lists[s][0]) for s in lists}
@@ -829,26 +977,30 @@ def doctor(dataset, root, split=1, workers=None):
     problems += [f"{p}: in both the train and the test list" for p in shared]
     paths = sorted({p for s in lists for p, _ in lists[s][0]})
 
-    def check(path):
+    def check(path):  # ("BAD", reason), ("WARN", reason) or None
         try:
             check_video(path)
+            warning = video_warning(path)
+            return warning and ("WARN", warning)
         except VideoError as error:
-            return str(error)
+            return "BAD", str(error)
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        results = progress(pool.map(check, paths), total=len(paths), desc="decoding")
-        problems += [error for error in results if error]
+        results = [r for r in progress(pool.map(check, paths), total=len(paths), desc="decoding")
+                   if r]
+    problems += [reason for status, reason in results if status == "BAD"]
+    warnings = [reason for status, reason in results if status == "WARN"]
     for problem in problems:
         print(f"BAD {problem}")
-    print(f"{len(paths)} videos checked, {len(problems)} problems")
+    for warning in warnings:
+        print(f"WARN {warning}")
+    print(f"{len(paths)} videos checked, {len(problems)} problems"
+          + (f", {len(warnings)} warnings (those videos are used)" if warnings else ""))
     return 1 if problems else 0
 
 
 def make_synthetic(root, num_classes, videos_per_class):
     """The --make-synthetic command: write the dataset, say what was written and how to train."""
-    try:
-        names = make_synthetic_dataset(root, num_classes, videos_per_class)
-    except OSError as error:  # a read-only place, a full disk
-        raise InputError(f"{root}: cannot write the synthetic dataset: {error}") from error
+    names = make_synthetic_dataset(root, num_classes, videos_per_class)  # WriteError: 1 line
     print(f"{root}: {len(names)} classes x {videos_per_class} synthetic videos (32 frames, "
           f"320x240, mpeg4 AVI) in HMDB51's layout, splits 1-3: {', '.join(names)}")
     print("check it:  python data.py --dataset hmdb51 --data-root " + root)

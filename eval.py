@@ -35,7 +35,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import av
@@ -96,7 +95,49 @@ def read_checkpoint(path, needs=CHECKPOINT_KEYS):
         if key in checkpoint and not isinstance(checkpoint[key], kind):
             raise InputError(f"{path}: its {key!r} is a {type(checkpoint[key]).__name__}, "
                              f"not a {kind.__name__}")
+    name = first_non_finite(checkpoint)
+    if name:
+        raise InputError(f"{path}: tensor {name} holds NaN or inf: the run diverged before this "
+                         "was saved; evaluate or resume an earlier checkpoint")
     return checkpoint
+
+
+def first_non_finite(checkpoint):
+    """The name of the first trained tensor or optimizer moment that holds NaN or inf, or None:
+    such a checkpoint would evaluate to noise, or resume into more NaN."""
+    optimizer = checkpoint.get("optimizer")
+    states = optimizer.get("state", {}) if isinstance(optimizer, dict) else {}
+    named = [(f"model[{name!r}]", t) for name, t in (checkpoint.get("model") or {}).items()]
+    named += [(f"optimizer state {i} {key}", t) for i, state in states.items()
+              if isinstance(state, dict) for key, t in state.items()]
+    return next((name for name, t in named if isinstance(t, torch.Tensor)
+                 and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
+def load_trained(model, state, path, built_by="its config", load=True):
+    """Copy a checkpoint's trained tensors into `model` (load=False: only check), strictly; the
+    first tensor that does not fit (missing, extra, another shape or dtype) is one InputError
+    naming `path` and both sides."""
+    def describe(t):
+        return (f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                if isinstance(t, torch.Tensor) else type(t).__name__)
+    own = model.trainable_state_dict()
+    differences = []
+    for name in [*own, *sorted(state.keys() - own.keys())]:
+        there, here = state.get(name), own.get(name)
+        if here is None:
+            differences.append(f"{name} is in the checkpoint ({describe(there)}) but not in the "
+                               "model")
+        elif not isinstance(there, torch.Tensor):
+            differences.append(f"{name} is missing from the checkpoint (model: {describe(here)})")
+        elif there.shape != here.shape or there.dtype != here.dtype:
+            differences.append(f"{name}: checkpoint {describe(there)}, model {describe(here)}")
+    if differences:
+        raise InputError(f"{path}: its trained tensors do not fit the model {built_by} builds: "
+                         f"{differences[0]}" + (f" (and {len(differences) - 1} more)"
+                                                if len(differences) > 1 else ""))
+    if load:
+        model.load_trainable_state_dict(state)
 
 
 def checkpoint_config(checkpoint, path):
@@ -189,11 +230,7 @@ def load_model(checkpoint_path, clip_weights=None, device="cpu"):
     if checkpoint.get("adapter", adapter) != adapter:    # older checkpoints record none: accepted
         raise InputError(f"{checkpoint_path} was trained with the temporal adapter "
                          f"{checkpoint['adapter']!r}; this omniclip.py builds {adapter!r}")
-    try:
-        model.load_trainable_state_dict(checkpoint["model"])
-    except (ValueError, KeyError) as error:
-        raise InputError(f"{checkpoint_path}: its trained tensors do not fit the model its config "
-                         f"builds ({one_line(error)})") from None
+    load_trained(model, checkpoint["model"], checkpoint_path)
     return model.to(device).eval(), checkpoint
 
 
@@ -433,22 +470,9 @@ def scale_bar(draw, x, top, bottom, colors, high, low):
     draw.text((x + 19, bottom - 16), low, fill=INK, font=FONT)
 
 
-def write_atomically(path, write, suffix):
-    """write(temporary path), then rename it to `path`: a reader never sees half a file, and an
-    interrupted run leaves the old file as it was."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)                 # mkstemp makes it private; a report is not
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_image(image, path):
-    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"), ".png")
+    """A PNG, atomically: data.write_file (a full disk is one line; the old picture stays)."""
+    data.write_file(path, lambda f: image.save(f, format="PNG"))
 
 
 def last_layer_cls_attention(clip, forward, num_patches):
@@ -1096,10 +1120,8 @@ def setup_distributed(device):
 
 
 def write_json(path, report):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-    write_atomically(path, write, ".json")
+    """JSON, atomically: data.write_file (a full disk is one line; the old file stays)."""
+    data.write_file(path, lambda f: json.dump(report, f, indent=1), "w")
 
 
 def confusion_path(json_path):
@@ -1183,8 +1205,9 @@ def video_main(model, args, run, device):
             name, prob = predict(model, video[None], classes, run["template"], device)[0]
             title = f"predicted: {name} ({100 * prob:.1f}%)"
         image, _, _ = attention_maps(model, video, f"{title}; {run['short']}")
+        print(f"attention maps: rows frames, CLIP, OmniCLIP; {title}")  # before a write may fail
         save_image(image, args.attention_maps)
-        print(f"wrote {args.attention_maps}: rows frames, CLIP, OmniCLIP; {title}")
+        print(f"wrote {args.attention_maps}")
     return report
 
 

@@ -18,7 +18,10 @@ no exit code or error file of the child stops that, so the line to read is the o
 
 A run folder (`--out`, default runs/<dataset>-<setting>-split<s>-<date>-<time>) is never
 overwritten: a new run into a folder that holds one is refused (or, with --fresh, its files are
-moved aside), a lock file keeps a second process out, and every file is written atomically.
+moved aside), a lock file keeps a second process out, and every file is written atomically (a full
+disk is one line naming the file; its previous version stays). SIGTERM or SIGINT (a scheduler's
+preemption, Ctrl-C) ends the optimizer step in progress, saves it and exits with 128 + the signal
+(143 for SIGTERM); a loss that is no longer finite stops the run before the update, saving nothing.
 
 Reproducibility, which makes `--resume` exact: the order of an epoch is a function of
 (seed, epoch), the augmentation of a clip of (seed, epoch, index), the mixup/cutmix draw of a
@@ -32,6 +35,8 @@ import json
 import math
 import os
 import random
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -50,6 +55,14 @@ import eval as evaluation
 import omniclip
 
 BAD_INPUT = (data.InputError, clip_weights.WeightsError)  # one line, exit 2; anything else is a bug
+
+
+class Diverged(FloatingPointError):
+    """The loss is no longer finite (detectron2 raises FloatingPointError at that iteration):
+    the run stops with one line and status 2, and saves nothing."""
+
+
+ONE_LINE = (*BAD_INPUT, Diverged)  # the stops that are one line `error: ...`, status 2
 
 # Paper Table 1 (supervised) and Sec. 4 "Implementation Details" (few-shot, zero-shot). Where the
 # paper is silent, X-CLIP's published configuration: few-shot trains 50 epochs at the supervised
@@ -156,6 +169,8 @@ def parse_args(argv=None):
                                                "(X-CLIP's released code)")
     a("--gradient-checkpointing", action="store_true", help="recompute the blocks in backward: "
                                                             "less memory, more time")
+    a("--fp32", action="store_true", help="GPUs: train and test in fp32 instead of bf16 autocast "
+                                          "(slower; for a loss that stops being finite)")
     # the run
     a("--out", help="run folder for checkpoint.pt, log.jsonl, config.json, report.json "
                     "(default runs/<dataset>-<setting>-split<s>-<date>-<time>)")
@@ -176,6 +191,7 @@ def parse_args(argv=None):
                                           "processes a few minutes on 2 cores)")
     # for the tests only: not in --help
     a("--kill-at-step", type=int, help=argparse.SUPPRESS)   # SIGKILL after N optimizer steps
+    a("--wait-at-step", type=int, help=argparse.SUPPRESS)   # rank 0's step N waits for a signal
     a("--save-rank-states", action="store_true", help=argparse.SUPPRESS)  # --out/rank<r>.pt
     args = p.parse_args(argv)
     if args.demo:
@@ -402,24 +418,14 @@ RUN_ARGS = ("dataset", "data_root", "split", "shots", "zero_shot", "frames", "mo
 RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step")
 
 
-def atomic_write(path, write):
-    """write(file) into a temporary file of this process beside `path`, then rename it over
-    `path`: a reader (or a run killed mid-write) sees the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Atomically (data.write_file: a reader, a killed run or a full disk leaves the previous
+    checkpoint as it was), and never with a tensor that is NaN or inf."""
+    name = evaluation.first_non_finite(state)
+    if name:
+        raise Diverged(f"{path}: not written: tensor {name} holds NaN or inf (the previous "
+                       "checkpoint is left as it was)")
+    data.write_file(path, lambda f: torch.save(state, f))
 
 
 def read_resumable(path):
@@ -449,8 +455,12 @@ def take_lock(folder):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(pid=os.getpid(), host=socket.gethostname()), f)
+        except OSError as error:   # a full disk: no half-written lock left behind
+            os.remove(path)
+            raise data.WriteError(path, error.strerror or str(error)) from None
         return path
 
 
@@ -488,10 +498,11 @@ def default_out(args):
     return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def prepare_run(args, inputs):
+def prepare_run(args, inputs, model=None):
     """The run folder, on rank 0: a new run gets a new (or empty) folder; --resume continues a
-    checkpoint of the same run (same flags, data root, classes, few-shot list, adapter, CLIP);
-    a folder in use by another process is refused. Nothing is ever deleted."""
+    checkpoint of the same run (same flags, data root, classes, few-shot list, adapter, CLIP,
+    and, given the `model`, trained tensors of its names, shapes and dtypes); a folder in use by
+    another process is refused. Nothing is ever deleted."""
     out = args.out or (os.path.dirname(args.resume) if args.resume not in (None, "auto")
                        else default_out(args))
     own_checkpoint = os.path.join(out, "checkpoint.pt")
@@ -499,12 +510,23 @@ def prepare_run(args, inputs):
     if resume == "auto":
         resume = own_checkpoint if os.path.isfile(own_checkpoint) else None
     if resume:
-        differences = resume_differences(read_resumable(resume), args, inputs)
+        checkpoint = read_resumable(resume)
+        differences = resume_differences(checkpoint, args, inputs)
         if differences:
             raise data.InputError(f"--resume {resume} is another run: it differs in "
                                   f"{'; '.join(differences)}")
-    os.makedirs(out, exist_ok=True)
+        if model is not None:
+            evaluation.load_trained(model, checkpoint["model"], resume, "these flags", load=False)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise data.WriteError(out, error.strerror or str(error)) from None
     run = RunFolder(out, resume, take_lock(out))
+    for name in os.listdir(out):  # a write killed mid-way (SIGKILL) left its temporary file
+        stem, _, rest = name.rpartition(".tmp")[0].rpartition(".")
+        if name.endswith(".tmp") and stem in RUN_FILES and len(rest) == 8:  # data.write_file's
+            os.remove(run.path(name))  # we hold the lock: no other process is writing it
+            print(f"removed {run.path(name)}, the temporary file of a write that was killed")
     old = [name for name in RUN_FILES if os.path.exists(run.path(name))]
     in_place = resume and os.path.realpath(resume) == os.path.realpath(own_checkpoint)
     if old and not in_place:
@@ -514,9 +536,13 @@ def prepare_run(args, inputs):
                                   "--resume auto, choose another --out, or add --fresh to move "
                                   "its files aside")
         aside = run.path(f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(aside)
-        for name in old:
-            os.replace(run.path(name), os.path.join(aside, name))
+        try:
+            os.makedirs(aside)
+            for name in old:
+                os.replace(run.path(name), os.path.join(aside, name))
+        except OSError as error:
+            run.release()
+            raise data.WriteError(aside, error.strerror or str(error)) from None
         print(f"{out} held a run: moved its {', '.join(old)} to {aside}")
     return run
 
@@ -547,13 +573,13 @@ def resume_differences(checkpoint, args, inputs):
 
 
 def on_rank0(fn, ddp, rank):
-    """fn() on rank 0, its result sent to every rank. Bad input found by rank 0 is raised on every
-    rank, so none waits for a rank that has stopped."""
+    """fn() on rank 0, its result sent to every rank. Bad input found by rank 0, or a file it
+    cannot write, is raised on every rank, so none waits for a rank that has stopped."""
     outcome = [None, None]
     if rank == 0:
         try:
             outcome[0] = fn()
-        except BAD_INPUT as error:
+        except ONE_LINE as error:
             outcome[1] = error
     if ddp:
         dist.broadcast_object_list(outcome, src=0)
@@ -577,11 +603,21 @@ def demo_dataset(root):
                     return root
         raise data.InputError(f"{root} exists but is not the demo's dataset ({marker} missing or "
                               "different): move it away, or give --data-root")
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
-    data.make_synthetic_dataset(tmp, **recipe)
-    evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
-    os.replace(tmp, root)   # complete or absent, never half written
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix="synthetic-")
+    except OSError as error:
+        raise data.WriteError(root, error.strerror or str(error)) from None
+    try:
+        data.make_synthetic_dataset(tmp, **recipe)
+        evaluation.write_json(os.path.join(tmp, "synthetic.json"), recipe)
+        os.replace(tmp, root)   # complete or absent, never half written
+    except data.WriteError as error:  # named by the temporary folder's path: name the dataset's
+        raise data.WriteError(root, error.reason) from None
+    except OSError as error:
+        raise data.WriteError(root, error.strerror or str(error)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # gone once renamed; else what was written
     print(f"demo dataset: generated {root} ({DEMO_DATA['num_classes']} classes x "
           f"{DEMO_DATA['videos_per_class']} videos in HMDB51's layout)")
     return root
@@ -662,6 +698,8 @@ def main(argv=None):
     else:
         rank, local_rank, world_size, device = 0, 0, 1, "cuda" if cuda else "cpu"
     run = None
+    stop = StopSignal("stopped by {signal} before the first step: nothing to save; run the same "
+                      "command again")
     try:
         if args.demo:  # one thread per process: the same float sums whatever the core count
             torch.set_num_threads(1)
@@ -671,22 +709,84 @@ def main(argv=None):
         weights = on_rank0(lambda: resolve_weights(args), ddp, rank)  # rank 0 downloads once
         model, inputs.clip_weights = build_model(args, resolve_weights(args) if rank else weights)
         inputs.adapter = model.adapter_name()
-        run = on_rank0(lambda: prepare_run(args, inputs), ddp, rank)
+        run = on_rank0(lambda: prepare_run(args, inputs, model), ddp, rank)
         args.out = run.out
-        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device)
+        command = resume_command(sys.argv[1:] if argv is None else argv, args.out, world_size)
+        return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command,
+                     stop)
+    except Stopped as stopped:  # a signal outside the steps: its line, and the signal's status
+        if rank == 0:
+            print(stopped, flush=True)
+        raise SystemExit(128 + stopped.signum) from None
     finally:
+        stop.restore()
         if run is not None and rank == 0:
             run.release()
         if ddp:
             dist.destroy_process_group()
 
 
-def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
+def resume_command(argv, out, world_size):
+    """The command that continues this run: the same flags, --out and --resume auto."""
+    kept, skip = [], False
+    for word in map(str, argv):
+        if skip:
+            skip = False
+        elif word in ("--out", "--resume"):
+            skip = True
+        elif not (word == "--fresh" or word.startswith(("--out=", "--resume="))):
+            kept.append(word)
+    launcher = (["torchrun", "--nproc_per_node", str(world_size)] if world_size > 1
+                else ["python"])
+    return shlex.join([*launcher, "train.py", *kept, "--out", out, "--resume", "auto"])
+
+
+class Stopped(Exception):
+    """A signal outside the training steps, where there is nothing a checkpoint could keep."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's notice before it kills a job: SLURM, Kubernetes) and SIGINT (Ctrl-C).
+    Inside the training steps (`message` None) a signal is a flag the loop reads once per
+    optimizer step: the step in progress finishes, the ranks agree, the checkpoint is saved, and
+    the run exits with 128 + the signal's number (143 for SIGTERM), the status of a job its
+    scheduler stopped. A second signal while saving only sets the flag again: the save finishes
+    (and is atomic anyway). Before the first step and after the last, it stops the run at once
+    (Stopped) with `message`, and the same status."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, message):
+        self.received, self.message = None, message
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.received = self.received or signum
+        if self.message is not None:
+            raise Stopped(signum, self.message.format(signal=signal.Signals(signum).name))
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    @staticmethod
+    def ignore_in_worker(worker_id):
+        """A loader worker leaves SIGTERM/SIGINT to the main process: a scheduler signals every
+        process of a job, and a worker killed by it would end the run mid-step, unsaved."""
+        for s in StopSignal.SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command, stop):
     master_process = rank == 0  # the one process that prints and writes files
     start_time = time.time()
     cuda = device.startswith("cuda")
     # bf16 autocast on GPUs (frozen CLIP's LayerNorms and the loss run in fp32); fp32 on the CPU
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    bf16 = cuda and not args.fp32
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     class_names, clip_info = inputs.class_names, inputs.clip_weights
     checkpoint_path, log_path = run.path("checkpoint.pt"), run.path("log.jsonl")
     checkpoint = read_resumable(run.resume_from) if run.resume_from else None
@@ -699,11 +799,16 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     # the text tower is frozen: class features once, before training, never inside a step
     class_features = evaluation.text_features(model, class_names, args.template, device)  # (C, E)
     optimizer = make_optimizer(model, args)
-    step = 0
-    if checkpoint is not None:
-        model.load_trainable_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    step, saved = 0, None  # saved: (path, step) of the last checkpoint on disk
+    if checkpoint is not None:  # prepare_run checked that its tensors fit
+        evaluation.load_trained(model, checkpoint["model"], run.resume_from, "these flags")
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise data.InputError(f"{run.resume_from}: its optimizer state does not fit these "
+                                  f"flags' model ({evaluation.one_line(error)})") from None
         step = checkpoint["step"]
+        saved = (run.resume_from, step)
     raw_model = model
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
@@ -716,41 +821,58 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # rank 0 writes every file; on_rank0 tells every rank whether it could (a full disk stops
+    # them all with one line, where the others would wait for rank 0 at the next step)
+    on_rank0(lambda: evaluation.write_json(run.path("config.json"), dict(
+        args=vars(args), model=dataclasses.asdict(config), adapter=inputs.adapter,
+        clip_weights=clip_info, world_size=world_size, accumulation=accumulation,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps)),
+        ddp, rank)
+    if inputs.few_shot_list:  # so the run can be repeated exactly
+        on_rank0(lambda: data.write_sample_list(run.path("few_shot_list.txt"),
+                                                inputs.few_shot_list), ddp, rank)
     if master_process:
-        evaluation.write_json(run.path("config.json"), dict(
-            args=vars(args), model=dataclasses.asdict(config), adapter=inputs.adapter,
-            clip_weights=clip_info, world_size=world_size, accumulation=accumulation,
-            steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps))
-        if inputs.few_shot_list:  # so the run can be repeated exactly
-            data.write_sample_list(run.path("few_shot_list.txt"), inputs.few_shot_list)
         counts = omniclip.count_parameters(raw_model)
         print(f"OmniCLIP {args.setting} on {args.dataset} split {args.split}: {len(class_names)} "
               f"classes, {len(inputs.train_samples)} training / {len(inputs.test_samples)} test videos")
         print(f"CLIP {clip_info['name']} (sha256 {clip_info['sha256'][:12]}), T={args.frames}, "
               f"{size}px, adapter {inputs.adapter}; trainable {counts['trainable'] / 1e6:.2f}M "
-              f"of {counts['total'] / 1e6:.1f}M parameters; {device}{' bf16' if cuda else ' fp32'}")
+              f"of {counts['total'] / 1e6:.1f}M parameters; {device}{' bf16' if bf16 else ' fp32'}")
         print(f"global batch {args.batch_size} = {args.per_gpu_batch} per process x {world_size} "
               f"process(es) x {accumulation} accumulation step(s); {steps_per_epoch} steps/epoch x "
               f"{args.epochs} epochs = {total_steps} steps, warmup {warmup_steps}")
         print(f"run folder {run.out}" + (f", resuming {run.resume_from} at step {step}"
                                          if checkpoint is not None else ""))
 
-    def log(record):
-        if master_process:
+    def log(record):  # every rank calls it; rank 0 prints and appends the line
+        def write():
             line = json.dumps(record)
             tqdm.write(line)
-            with open(log_path, "a") as f:
-                f.write(line + "\n")
+            data.append_line(log_path, line)  # all of the line or, on a full disk, none
+        on_rank0(write, ddp, rank)
 
-    def save():
-        save_checkpoint(checkpoint_path, dict(
+    def save():  # every rank calls it; rank 0 writes
+        nonlocal saved
+        on_rank0(lambda: save_checkpoint(checkpoint_path, dict(
             model=raw_model.trainable_state_dict(), config=dataclasses.asdict(config),
             adapter=inputs.adapter, clip_weights=clip_info, class_names=class_names,
             template=args.template, args=vars(args), optimizer=optimizer.state_dict(),
             scheduler=dict(schedule="linear warmup, cosine", lr=args.lr, min_lr=args.min_lr,
                            warmup_steps=warmup_steps, total_steps=total_steps),
             step=step, epoch=step // steps_per_epoch,
-            few_shot_list=inputs.few_shot_list))
+            few_shot_list=inputs.few_shot_list)), ddp, rank)
+        saved = (checkpoint_path, step)
+
+    def agree(loss_sum, stop):
+        """Once per optimizer step, one all-reduce of (this step's summed loss, SIGTERM, SIGINT)
+        over the ranks: all see a non-finite loss on any rank, and all stop at the same step."""
+        flags = torch.stack([loss_sum.to(torch.float64), loss_sum.new_tensor(
+            stop.received == signal.SIGTERM, dtype=torch.float64), loss_sum.new_tensor(
+            stop.received == signal.SIGINT, dtype=torch.float64)])
+        if ddp:
+            dist.all_reduce(flags)
+        total, term, interrupt = flags.tolist()
+        return total, signal.SIGTERM if term else signal.SIGINT if interrupt else None
 
     def reduce(totals):  # (loss x clips, correct, clips, skipped) summed over ranks
         totals = totals.clone()
@@ -765,6 +887,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
     window_time, skipped_total, lr = time.time(), 0, 0.0
     bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
+    stop.message = None  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
         plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, args.per_gpu_batch,
@@ -773,6 +896,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[micro for step_plan in plan for micro in step_plan],
             collate_fn=data.collate, num_workers=args.workers, pin_memory=cuda,
+            worker_init_fn=StopSignal.ignore_in_worker,
             generator=torch.Generator().manual_seed(derive_seed(args.seed, epoch, rank)))
         micro_batches = iter(loader)
         epoch_totals, epoch_time = torch.zeros_like(window), time.time()
@@ -801,6 +925,17 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                                      loss.new_tensor(len(batch.get("errors", [])))]).to(window)
                 window += stats
                 epoch_totals += stats
+                step_loss = stats[0] if micro == 0 else step_loss + stats[0]
+            while step + 1 == args.wait_at_step and master_process and stop.received is None:
+                time.sleep(0.01)  # testing: rank 0's step is long, a signal lands in it
+            loss_sum, stopped_by = agree(step_loss, stop)
+            if not math.isfinite(loss_sum):  # before the update: the adapters stay finite
+                last_good = (f"the last good checkpoint is {saved[0]} (step {saved[1]})"
+                             if saved else "no checkpoint was saved yet")
+                raise Diverged(f"step {step + 1}: the training loss is {loss_sum}, not finite; "
+                               f"stopped, nothing saved: {last_good}. Try a lower --lr (now "
+                               f"{args.lr:g})" + (", or --fp32 instead of bf16 autocast" if bf16
+                                                  else " (this run is in fp32 already, not bf16)"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -814,8 +949,16 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                          skipped=stats["skipped"]))
                 window.zero_()
                 window_time = now
-            if master_process and (step % args.save_every == 0 or step % steps_per_epoch == 0):
+            if step % args.save_every == 0 or step % steps_per_epoch == 0:
                 save()
+            if stopped_by is not None:  # every rank got here at the same step (agree)
+                if saved != (checkpoint_path, step):
+                    save()
+                if master_process:
+                    print(f"stopped by {signal.Signals(stopped_by).name} after step {step} of "
+                          f"{total_steps}: saved {checkpoint_path}; continue with: {command}",
+                          flush=True)
+                raise SystemExit(128 + stopped_by)  # 143 for SIGTERM: "requeue me"
         stats = reduce(epoch_totals)
         skipped_total += stats["skipped"]
         log(dict(epoch=epoch + 1, step=step, lr=lr, loss=round(stats["loss"], 4),
@@ -824,12 +967,17 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                  skipped=stats["skipped"], skipped_total=skipped_total,
                  elapsed_s=round(time.time() - start_time, 1)))
     train_time = time.time() - start_time
-    if master_process and not os.path.exists(checkpoint_path):  # e.g. --epochs 0: step 0 saved
+    if saved is None or saved[0] != checkpoint_path:  # e.g. --epochs 0: step 0 saved
         save()
+    stop.message = (f"stopped by {{signal}} after the last step ({step}), before the evaluation "
+                    f"and its report were written: {checkpoint_path} is saved; evaluate it with: "
+                    f"{command}")
+    if stop.received:  # it came during the final save: stop now, as it asked
+        stop.handle(stop.received, None)
     if args.save_rank_states:  # testing: DDP must leave the same trainable tensors on every rank
         torch.save(raw_model.trainable_state_dict(), run.path(f"rank{rank}.pt"))
-    if master_process and os.path.exists(log_path):
-        evaluation.plot_curves(log_path, run.path("curves.png"))
+    on_rank0(lambda: os.path.exists(log_path) and evaluation.plot_curves(
+        log_path, run.path("curves.png")), ddp, rank)
 
     report = None
     if not args.no_eval:
@@ -841,20 +989,12 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
         report = evaluation.evaluate(raw_model, test_set, class_features, device, batch_size,
                                      distributed=ddp, num_workers=args.workers,
                                      class_names=class_names,
-                                     autocast_dtype=torch.bfloat16 if cuda else None)
+                                     autocast_dtype=torch.bfloat16 if bf16 else None)
         report.update(dataset=args.dataset, split=args.split, setting=args.setting,
                       views=args.test_views, chance=100 / len(class_names),
                       checkpoint=checkpoint_path, clip_weights=clip_info, train_steps=step,
                       train_time_s=round(train_time, 1))
-        if master_process:
-            evaluation.write_json(run.path("report.json"), report)
-            image, _ = evaluation.confusion_image(report["confusion"], class_names,
-                                                  f"{args.dataset} split {args.split} confusion")
-            evaluation.save_image(image, run.path("report.confusion.png"))
-            log(dict(test_top1=report["top1"], test_top5=report["top5"],
-                     test_videos=report["num_videos"], evaluated=report["num_evaluated"],
-                     skipped=report["num_skipped"]))
-    if master_process:
+    if master_process:  # what was computed, on stdout before any write that may fail
         print(f"\ntrained {step} steps ({args.epochs} epochs) in {train_time / 60:.1f} min; "
               f"checkpoint {checkpoint_path}")
         if report is not None:
@@ -862,6 +1002,18 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                   f"top-1 {report['top1']:.1f}%  top-5 {report['top5']:.1f}%  "
                   f"(chance {100 / len(class_names):.1f}%); {report['num_videos']} test videos "
                   f"found, {report['num_evaluated']} evaluated, {report['num_skipped']} skipped")
+    if report is not None:
+        def write_report():
+            evaluation.write_json(run.path("report.json"), report)
+            image, _ = evaluation.confusion_image(report["confusion"], class_names,
+                                                  f"{args.dataset} split {args.split} confusion")
+            evaluation.save_image(image, run.path("report.confusion.png"))
+        on_rank0(write_report, ddp, rank)
+        log(dict(test_top1=report["top1"], test_top5=report["top5"],
+                 test_videos=report["num_videos"], evaluated=report["num_evaluated"],
+                 skipped=report["num_skipped"]))
+    if master_process:
+        if report is not None:
             print(f"report {run.path('report.json')}, log {log_path}, curves "
                   f"{run.path('curves.png')}")
         if args.setting == "zero-shot":  # Table 6: HMDB51 / UCF101 test splits 1-3, mean ± std
@@ -873,7 +1025,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
 if __name__ == "__main__":
     try:
         main()
-    except BAD_INPUT as error:  # bad input: the message on rank 0, no traceback, status 2
+    except ONE_LINE as error:  # bad input, a full disk, a diverged loss: rank 0's line, status 2
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

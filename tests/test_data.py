@@ -669,11 +669,11 @@ def test_timestamps_tell_variable_frame_rate_from_missing_frames(tmp_path, suffi
     assert data.check_video(write(str(tmp_path / f"vfr{suffix}"), variable)) == 40
     slow_start = [4] * 10 + [1] * 30
     assert data.check_video(write(str(tmp_path / f"slow{suffix}"), slow_start)) == 40
-    # 20 frames, then nothing for 40 frames' time, then 20 more: a frame count far below what
-    # the duration implies at the video's own frame rate
-    hole = write(str(tmp_path / f"hole{suffix}"), [1] * 19 + [41] + [1] * 20)
-    with pytest.raises(data.VideoError, match=re.escape(hole) + ": no frames from 0.67 s to 2.00"):
-        data.check_video(hole)
+    # 20 frames, then nothing for 40 frames' time, then 20 more, every byte of the file read: a
+    # pause (a phone's variable frame rate), not damage. A hole where the demuxer skipped bytes
+    # is damage: tests/test_faults.py
+    pause = write(str(tmp_path / f"pause{suffix}"), [1] * 19 + [41] + [1] * 20)
+    assert data.check_video(pause) == 40 and data.video_warning(pause) is None
 
 
 @pytest.mark.parametrize("name, content, cause", [
