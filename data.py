@@ -68,7 +68,9 @@ def _open_video(path):
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame + slice threads: several times the default speed
+            # One thread: loader workers, the doctor and --prepare decode one video per core,
+            # and threads (thread_type AUTO) cost 8-20% more CPU time per clip.
+            stream.codec_context.thread_count = 1
             yield container, stream
     except av.FFmpegError as error:
         raise VideoError(f"{path}: decode error, damaged stream ({type(error).__name__}: "
@@ -130,55 +132,151 @@ def count_frames(path):
         return stream.frames or len(_packet_times(container, stream))
 
 
-def read_frames(path, choose_indices):
+HELD_BYTES = 256 * 2 ** 20  # a longer video's packets are not kept: it is decoded in one pass
+
+
+def read_frames(path, choose_indices, decode_all=False):
     """Decode the frames `choose_indices(num_frames)` asks for: uint8 (len(indices), H, W, 3).
 
-    Frames are numbered in presentation order, the order the decoder returns them, so B-frames
-    and odd timestamps need no care, and no seeking (which lands on a keyframe) is needed: sparse
-    sampling wants a frame from the first segment anyway. Decoding stops after the last frame
-    needed; the rest of the file is only demuxed, to check that it holds every frame its header
-    promises (a truncated or damaged file is an error, not a shorter clip)."""
+    Frame i is the i-th in presentation order, the order a full decode returns them. The file
+    is demuxed whole first (packets, no pictures): that checks it holds every frame its header
+    promises (a truncated or damaged file is an error, not a shorter clip) and gives each
+    packet's timestamp. Then only what the chosen frames need is decoded (`_decode_needed`);
+    where that cannot be done safely, or with decode_all (the doctor), every frame up to the
+    last one chosen is decoded in order (`_decode_in_order`). Both return the same pixels."""
     with _open_video(path) as (container, stream):
-        listed, times = stream.frames, None
-        if listed == 0:  # WebM/MKV keep no frame count: count the packets, check, rewind
-            times = _packet_times(container, stream)
-            _check_complete(path, container, stream, times)
-            listed = len(times)
-            container.seek(0)
+        packets, times, held = [], [], 0
+        for packet in container.demux(stream):
+            if packet.size:
+                times.append(None if packet.pts is None else float(packet.pts * packet.time_base))
+                if packets is not None:
+                    packets.append(packet)
+                    held += packet.size
+                    packets = None if held > HELD_BYTES else packets
+        _check_complete(path, container, stream, times)
+        listed = stream.frames or len(times)  # WebM/MKV keep no frame count: the packets
         if listed == 0:
             raise VideoError(f"{path}: the video stream holds no frames")
         indices = [int(i) for i in choose_indices(listed)]
-        last, needed = max(indices), set(indices)
-        arrays, decoded, latest, seen, corrupt = {}, 0, None, [], None
-        for packet in container.demux(stream):
-            if packet.size:
-                seen.append(None if packet.pts is None else float(packet.pts * packet.time_base))
-            if decoded > last:
-                continue  # past the last frame needed: demux only
-            for frame in packet.decode():
-                if frame.is_corrupt and corrupt is None:  # the decoder concealed an error
-                    corrupt = decoded
-                if decoded in needed:
-                    arrays[decoded] = frame.to_ndarray(format="rgb24")
-                decoded, latest = decoded + 1, frame
-        if times is None:  # a cut file names its cut, more useful than the corrupt frame
-            _check_complete(path, container, stream, seen)
-        if corrupt is not None:
-            raise VideoError(f"{path}: decode error, frame {corrupt} is corrupt (damaged stream)")
-        if decoded <= last:
-            slack = max(2, listed // 100)
-            if decoded == 0 or decoded < listed - slack:
-                raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
-                                 "(damaged stream)")
-            tail = latest.to_ndarray(format="rgb24")  # within the slack: repeat the last frame
-            arrays.update({i: tail for i in needed if i >= decoded})
+        arrays = None
+        if packets is not None and not decode_all:
+            arrays = _decode_needed(path, stream.codec_context, packets, indices)
+        if arrays is None:
+            stream.codec_context.flush_buffers()  # whatever the first try left in the decoder
+            if packets is None:
+                container.seek(0)
+                packets = (packet for packet in container.demux(stream) if packet.size)
+            arrays = _decode_in_order(path, stream.codec_context, packets, indices, listed)
     return np.stack([arrays[i] for i in indices])
+
+
+def _decode_in_order(path, decoder, packets, indices, listed):
+    """{index: frame} for `indices`, decoding every frame up to the last one needed and
+    counting the frames as the decoder returns them."""
+    last, needed = max(indices), set(indices)
+    arrays, decoded, latest, corrupt = {}, 0, None, None
+    for packet in [*packets, None]:  # None drains the frames the decoder still holds
+        if decoded > last:
+            break
+        for frame in decoder.decode(packet):
+            if frame.is_corrupt and corrupt is None:  # the decoder concealed an error
+                corrupt = decoded
+            if decoded in needed:
+                arrays[decoded] = frame.to_ndarray(format="rgb24")
+            decoded, latest = decoded + 1, frame
+    if corrupt is not None:
+        raise VideoError(f"{path}: decode error, frame {corrupt} is corrupt (damaged stream)")
+    if decoded <= last:
+        slack = max(2, listed // 100)
+        if decoded == 0 or decoded < listed - slack:
+            raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
+                             "(damaged stream)")
+        tail = latest.to_ndarray(format="rgb24")  # within the slack: repeat the last frame
+        arrays.update({i: tail for i in needed if i >= decoded})
+    return arrays
+
+
+class _Unsure(Exception):
+    """The shortcut met something it cannot vouch for: decode in order instead."""
+
+
+def _decode_needed(path, decoder, packets, indices):
+    """{index: frame} for `indices`, decoding only what those frames depend on, or None where
+    that cannot be done safely. `packets` are the stream's, in decoding order.
+
+    Frame i is the packet with the i-th smallest timestamp, so a frame left out cannot shift
+    the count. A frame depends only on packets before it in decoding order, back to the last
+    keyframe shown no later than itself (the leading frames of an open GOP, shown before their
+    keyframe, need the GOP before). Those stretches, merged where they overlap, are decoded
+    each from its keyframe; between them the decoder is drained and reset, which costs less
+    than decoding on, since the packets are in memory. While it reads packets no chosen frame
+    is in, the decoder skips non-reference frames (skip_frame NONREF): nothing depends on them. A frame that comes out unexpected (no timestamp, an unknown one, a
+    "keyframe" that is not one, as some AVI indexes claim) or a decoder error sends the video
+    to `_decode_in_order`, which names the damage."""
+    times = [packet.pts for packet in packets]
+    if None in times or len(set(times)) < len(times):  # no usable index of timestamps
+        return None
+    order = sorted(times)
+    index_of = {t: i for i, t in enumerate(order)}
+    # within the header's slack a video lists a frame or two more than it holds: those indices
+    # repeat the last frame, as a full decode does
+    wanted = {order[min(i, len(order) - 1)] for i in indices}
+    position = {t: j for j, t in enumerate(times)}
+    keyframes = [j for j, packet in enumerate(packets) if packet.is_keyframe]
+    got, corrupt = {}, []
+    state = dict(floor=None, expect=None)  # after a jump: the keyframe's time, still to come
+
+    def take(frames):
+        for frame in frames:
+            if frame.pts not in index_of:
+                raise _Unsure
+            if state["floor"] is not None and frame.pts < state["floor"]:
+                continue  # a leading frame of the GOP jumped into: wrong without the GOP before
+            if state["expect"] is not None:
+                if frame.pts != state["expect"] or not frame.key_frame:
+                    raise _Unsure
+                state["expect"] = None
+            if frame.is_corrupt:
+                corrupt.append(index_of[frame.pts])
+            if frame.pts in wanted and frame.pts not in got:
+                got[frame.pts] = frame.to_ndarray(format="rgb24")
+
+    # each chosen frame needs the packets from its keyframe to itself; overlapping stretches
+    # merge into runs, each decoded from its keyframe, with a jump between runs
+    runs = []
+    for start, end in sorted((max((k for k in keyframes if k <= position[t] and times[k] <= t),
+                                  default=0), position[t]) for t in wanted):
+        if runs and start <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    try:
+        for n, (start, end) in enumerate(runs):
+            if n:  # a jump: the frames still in the decoder, then a clean start
+                decoder.skip_frame = "DEFAULT"
+                take(decoder.decode(None))
+                decoder.flush_buffers()
+            if start:
+                state.update(floor=times[start], expect=times[start])
+            for j in range(start, end + 1):
+                decoder.skip_frame = "DEFAULT" if times[j] in wanted else "NONREF"
+                take(decoder.decode(packets[j]))
+        decoder.skip_frame = "DEFAULT"
+        take(decoder.decode(None))
+    except (_Unsure, av.FFmpegError):
+        decoder.skip_frame = "DEFAULT"
+        return None
+    if corrupt:
+        raise VideoError(f"{path}: decode error, frame {min(corrupt)} is corrupt (damaged stream)")
+    if len(got) < len(wanted):
+        return None
+    return {i: got[order[min(i, len(order) - 1)]] for i in indices}
 
 
 def check_video(path):
     """Decode a whole video (the doctor's check); returns its frame count or raises VideoError."""
     count = []
-    read_frames(path, lambda n: count.append(n) or [0, n - 1])
+    read_frames(path, lambda n: count.append(n) or [0, n - 1], decode_all=True)
     return count[0]
 
 
