@@ -4,9 +4,12 @@ the official dataset layouts, few-shot subsets and a synthetic dataset with moti
 Shape legend: T frames, H x W decoded frame, S output size, V views (temporal x spatial).
 A decoded clip is uint8 (T, H, W, 3); a model-ready clip is float32 (T, 3, S, S), CLIP-normalised.
 
-As a script it checks a dataset (the "doctor": every missing, damaged or shared video named) or
-writes a small synthetic one for smoke tests:
+As a script it checks a dataset (the "doctor": every missing, damaged or shared video named),
+writes a copy of it that loads fast, times its loading and the cores a GPU needs, or writes a
+small synthetic one for smoke tests:
     python data.py --dataset hmdb51 --data-root DIR --split 1
+    python data.py --dataset k400 --data-root DIR --prepare DST [--short-side 256] [--gop 16]
+    python data.py --dataset k400 --data-root DIR --benchmark [--frames 8] [--model ViT-B/16]
     python data.py --make-synthetic DIR --classes 6 --per-class 12
 """
 import argparse
@@ -15,12 +18,15 @@ import contextlib
 import csv
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import shutil
+import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -891,7 +897,8 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the dataset doctor, the synthetic dataset and the loader benchmark
+# Command line: the dataset doctor, --prepare (a copy that loads fast), the loader benchmark
+# and the synthetic dataset
 
 def progress(iterable, total=None, desc="", seconds=30):
     """tqdm's bar on a terminal; when stderr is redirected to a log, a plain line every
@@ -910,35 +917,271 @@ def progress(iterable, total=None, desc="", seconds=30):
           file=sys.stderr)
 
 
+def split_lists(dataset, root, split=1):
+    """The doctor's walk over a dataset: {"train": samples, "test": samples} and the classes."""
+    lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
+    return {subset: samples for subset, (samples, _) in lists.items()}, lists["train"][1]
+
+
+def for_each_video(work, paths, workers=None, desc="decoding", processes=False):
+    """work(path) for every path, over the cores (threads: PyAV decodes without the GIL; or
+    processes, for --prepare's encoding), with a progress line; the results in order."""
+    pool = (ProcessPoolExecutor(workers or _cores(), mp_context=multiprocessing.get_context("fork"))
+            if processes else ThreadPoolExecutor(workers or _cores()))
+    with pool:
+        return list(progress(pool.map(work, paths), total=len(paths), desc=desc))
+
+
+def _cores():
+    """The cores this process may run on (a job scheduler's share, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def doctor(dataset, root, split=1, workers=None):
     """Print counts per split and class, then every missing file, every video that does not
     decode (with the reason) and every video in both lists. Returns the exit status: 0 when all
     is well, 1 when some video is bad; a layout that cannot be read is an InputError (status 2)."""
-    lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
-    classes = lists["train"][1]
-    counts = {s: collections.Counter(label for _, label in lists[s][0]) for s in lists}
+    lists, classes = split_lists(dataset, root, split)
+    counts = {s: collections.Counter(label for _, label in lists[s]) for s in lists}
     print(f"{dataset} split {split}: {len(classes)} classes, "
-          f"{len(lists['train'][0])} train and {len(lists['test'][0])} test videos")
+          f"{len(lists['train'])} train and {len(lists['test'])} test videos")
     for label, name in enumerate(classes):
         print(f"  {label:4d} {name:40s} train {counts['train'][label]:6d}  "
               f"test {counts['test'][label]:6d}")
     problems = []
-    shared = overlapping_videos(lists["train"][0], lists["test"][0])
+    shared = overlapping_videos(lists["train"], lists["test"])
     problems += [f"{p}: in both the train and the test list" for p in shared]
-    paths = sorted({p for s in lists for p, _ in lists[s][0]})
-
-    def check(path):
-        try:
-            check_video(path)
-        except VideoError as error:
-            return str(error)
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        results = progress(pool.map(check, paths), total=len(paths), desc="decoding")
-        problems += [error for error in results if error]
+    paths = sorted({p for s in lists for p, _ in lists[s]})
+    problems += [error for error in for_each_video(_check, paths, workers) if error]
     for problem in problems:
         print(f"BAD {problem}")
     print(f"{len(paths)} videos checked, {len(problems)} problems")
     return 1 if problems else 0
+
+
+def _check(path):
+    """The doctor's verdict on one video: None, or the reason it cannot be read."""
+    try:
+        check_video(path)
+    except VideoError as error:
+        return str(error)
+
+
+# --prepare: a copy of the dataset that loads fast. Decoding costs in proportion to the pixels
+# and to the frames decoded; a 256-pixel short side and a keyframe every 16 frames cut both.
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                  ".wmv", ".3gp", ".ogv", ".ts")
+
+
+# x264's veryfast preset with tune fastdecode (no CABAC, no deblocking): measured on 720p
+# H.264 sources, 36-40 dB against the resized originals at crf 20, and a training clip decodes
+# in 32 ms instead of 58 ms with the fast preset; it also encodes twice as fast.
+PREPARE_X264 = dict(preset="veryfast", tune="fastdecode")
+
+
+def prepare(dataset, src, dst, short_side=256, gop=16, crf=20, workers=None):
+    """Re-encode every video the dataset's lists name (all splits) into dst at the same relative
+    path and name, with libx264 at `short_side` (never enlarged; aspect kept, even sides), the
+    same frame rate and frames, a keyframe every `gop` frames, closed GOPs; copy every other
+    file that is not a video (split files, CSVs, JSONs), so dst reads like src. Resumable: a
+    video already in dst is checked (it decodes, with the source's frame count) and kept.
+    Returns the exit status: 0, or 1 when some video could not be read (listed, not copied)."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
+        raise InputError(f"--prepare {dst}: inside --data-root {src}; choose a folder outside it "
+                         "(the source is never written to)")
+    if real_src.startswith(real_dst + os.sep):
+        raise InputError(f"--prepare {dst}: holds --data-root {src}; choose a folder beside it")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise InputError(f"--prepare {dst}: a file, not a folder")
+    if short_side < 16 or short_side % 2 or gop < 1:
+        raise InputError(f"--short-side {short_side} --gop {gop}: an even short side of 16 or "
+                         "more, and a keyframe every 1 or more frames")
+    splits = (1, 2, 3) if dataset in ("hmdb51", "ucf101") else (1,)
+    videos = sorted({p for split in splits for samples in split_lists(dataset, src, split)[0]
+                     .values() for p, _ in samples})
+    jobs = []
+    for path in videos:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(src))
+        if rel.startswith(os.pardir + os.sep):
+            raise InputError(f"{path}: listed, but outside --data-root {src}; --prepare copies "
+                             "the videos inside it")
+        jobs.append((path, os.path.join(dst, rel), short_side, gop, crf))
+    listed = {os.path.normcase(os.path.abspath(p)) for p in videos}
+    others = [rel for rel in _walk(src) if not rel.lower().endswith(VIDEO_SUFFIXES)
+              and os.path.normcase(os.path.abspath(os.path.join(src, rel))) not in listed]
+    for rel in others:  # split files, CSVs, JSONs: copied unless already there
+        target = os.path.join(dst, rel)
+        source = os.path.join(src, rel)
+        if not (os.path.isfile(target) and os.path.getsize(target) == os.path.getsize(source)):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+    start = time.monotonic()
+    results = for_each_video(_prepare_video, jobs, workers, desc="preparing", processes=True)
+    done = collections.Counter(status for status, _ in results)
+    bad = [message for status, message in results if status == "bad"]
+    for message in bad:
+        print(f"BAD {message} (not copied)")
+    size = {folder: sum(os.path.getsize(job[i]) for job in jobs if os.path.isfile(job[i]))
+            for i, folder in ((0, "src"), (1, "dst"))}
+    print(f"{len(jobs)} videos: {done['written']} written, {done['kept']} already done and "
+          f"checked, {len(bad)} unreadable; {len(others)} other files copied or present; "
+          f"videos {size['src'] / 2 ** 20:.1f} MiB in {src}, {size['dst'] / 2 ** 20:.1f} MiB in "
+          f"{dst}; {time.monotonic() - start:.0f} s")
+    print(f"check it:  python data.py --dataset {dataset} --data-root {dst}")
+    return 1 if bad else 0
+
+
+def _prepare_video(job):
+    """One video of --prepare: ("written" | "kept" | "bad", message). Written under a temporary
+    name and renamed once checked, so an interrupted run leaves no half video under the name."""
+    src, dst, short_side, gop, crf = job
+    try:
+        expected = count_frames(src)
+        if os.path.exists(dst):
+            try:
+                if check_video(dst) == expected:
+                    return "kept", None
+            except VideoError:
+                pass  # damaged or half written by hand: write it again
+        stem, suffix = os.path.splitext(dst)
+        tmp = f"{stem}.partial{suffix}"
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        written = _reencode(src, tmp, short_side, gop, crf)
+        if check_video(tmp) != written or abs(written - expected) > max(2, expected // 100):
+            raise VideoError(f"{src}: the copy holds {written} frames, the source {expected}")
+        os.replace(tmp, dst)
+        return "written", None
+    except VideoError as error:
+        return "bad", str(error)
+    except OSError as error:  # a full disk, a read-only folder
+        return "bad", f"{dst}: cannot write it ({error.strerror or error})"
+
+
+def _reencode(src, dst, short_side, gop, crf):
+    """src -> dst with libx264 (see prepare); returns the frames written."""
+    suffix = os.path.splitext(dst)[1].lower()
+    # WebM holds only VP8/VP9/AV1: SSv2's names get Matroska (ffmpeg reads the content, not the
+    # name). AVI stores no presentation times, so no B-frames there.
+    container_format = {".webm": "matroska", ".avi": "avi"}.get(suffix)
+    options = dict(PREPARE_X264, crf=str(crf), threads="1")
+    options["x264-params"] = (f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"
+                              + (":bframes=0" if suffix == ".avi" else ""))
+    with _open_video(src) as (container, stream):
+        times = _packet_times(container, stream)
+        _check_complete(src, container, stream, times)
+        container.seek(0)
+        W, H = stream.codec_context.width, stream.codec_context.height
+        scale = min(1.0, short_side / min(W, H))
+        width, height = (2 * max(1, round(side * scale / 2)) for side in (W, H))
+        rate = stream.average_rate or stream.guessed_rate or 30
+        written = 0
+        with av.open(dst, "w", format=container_format) as out:
+            video = out.add_stream("libx264", rate=rate, options=options)
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            for frame in container.decode(stream):
+                if frame.is_corrupt:
+                    raise VideoError(f"{src}: decode error, frame {written} is corrupt")
+                small = frame.reformat(width, height, "yuv420p", interpolation="AREA")
+                small.pts, small.time_base = written, 1 / rate  # constant rate, same frames
+                out.mux(video.encode(small))
+                written += 1
+            out.mux(video.encode())
+    if written == 0:
+        raise VideoError(f"{src}: the decoder returned no frame")
+    return written
+
+
+# --benchmark: what the loader costs on the user's own files, and the cores a GPU needs.
+H100_BF16_PEAK = 989e12  # FLOP/s, dense
+UTILISATION = 0.30       # of the peak, for a training step, when no measured rate is given
+# a training step's multiply-adds over the forward's: eval.py --benchmark counts 402.6 G a clip
+# for ViT-B/16, T=8 (backward through the frozen CLIP needs the input gradients, about one more
+# forward), against 190.7 G for the forward alone
+TRAIN_OVER_FORWARD = 402.6 / 190.7
+
+
+def benchmark(dataset, root, split=1, frames=8, model="ViT-B/16", gpu_json=None, videos=12):
+    """CPU time per training clip on `videos` of the training list (evenly spread), one thread,
+    median of 3; the clips a core makes per second; the cores a GPU needs to train at its rate
+    (eval.py --benchmark --json's train_clips_per_s, else the multiply-adds at UTILISATION of an
+    H100's bf16 peak); whether --prepare would help. Returns the exit status."""
+    import omniclip  # only here: the loader itself does not need the model
+    if model not in omniclip.ARCHITECTURES:
+        raise InputError(f"--model {model}: one of {', '.join(omniclip.ARCHITECTURES)}")
+    samples = split_lists(dataset, root, split)[0]["train"]
+    chosen = [samples[round(k * (len(samples) - 1) / max(1, videos - 1))]
+              for k in range(min(videos, len(samples)))]
+    size = omniclip.ARCHITECTURES[model]["image_resolution"]
+    loader = VideoDataset(chosen, frames, train=True, size=size, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one loader worker: one core
+    costs, shapes, gops, bad = [], [], [], []
+    try:
+        for index, (path, _) in enumerate(progress(chosen, total=len(chosen), desc="timing")):
+            try:
+                seconds = []
+                for _ in range(3):
+                    start = time.process_time()
+                    loader.load(path, index)
+                    seconds.append(time.process_time() - start)
+                costs.append(1000 * statistics.median(seconds))
+                shapes.append(_frame_shape(path))
+                gops.append(_mean_gop(path))
+            except VideoError as error:
+                bad.append(str(error))
+    finally:
+        torch.set_num_threads(threads)
+    for message in bad:
+        print(f"BAD {message} (not timed)")
+    if not costs:
+        raise InputError(f"{dataset} at {root}: none of the {len(chosen)} videos decodes")
+    ms = statistics.mean(costs)
+    per_core = 1000 / ms
+    if gpu_json:
+        with _parsing(gpu_json):
+            with open(gpu_json, encoding="utf-8") as f:
+                report = json.load(f)
+            gpu_rate = float(report["train_clips_per_s"])
+        source = (f"{gpu_json}: {report.get('device_name', 'GPU')}, {report.get('model')}, "
+                  f"T={report.get('frames')}, measured")
+    else:
+        config = omniclip.OmniCLIPConfig(**omniclip.ARCHITECTURES[model], frames=frames)
+        train_macs = TRAIN_OVER_FORWARD * omniclip.analytic_macs(config, 400)["total"]
+        gpu_rate = UTILISATION * H100_BF16_PEAK / (2 * train_macs)  # a multiply-add is 2 FLOPs
+        source = (f"H100 at {UTILISATION:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 "
+                  f"peak, {model}, T={frames}: {train_macs / 1e9:.1f} G multiply-adds a "
+                  "training clip")
+    short = statistics.median(min(h, w) for h, w in shapes)
+    gop = statistics.median(gops)
+    print(f"{len(costs)} training clips (T={frames}, {size} px, one thread, median of 3): "
+          f"{ms:.1f} CPU-ms per clip, {per_core:.1f} clips per core-second")
+    print(f"GPU: {gpu_rate:.0f} training clips/s ({source})")
+    print(f"cores per GPU: {gpu_rate / per_core:.1f} (loader workers per GPU, one core each)")
+    reasons = [f"a short side of {short:.0f} px (decoding cost grows with the pixels)"
+               if short > 1.25 * 256 else "",
+               f"a keyframe every {gop:.0f} frames (a clip's frames need the GOP before them)"
+               if gop > 2 * 16 else ""]
+    reasons = [r for r in reasons if r]
+    if reasons:
+        print(f"--prepare would help: {' and '.join(reasons)}; "
+              f"python data.py --dataset {dataset} --data-root {root} --prepare DST")
+    else:
+        print(f"--prepare would not help much: short side {short:.0f} px, a keyframe every "
+              f"{gop:.0f} frames")
+    return 1 if bad else 0
+
+
+def _frame_shape(path):
+    with _open_video(path) as (container, stream):
+        return stream.codec_context.height, stream.codec_context.width
+
+
+def _mean_gop(path):
+    """Frames per keyframe, from the packets' flags."""
+    with _open_video(path) as (container, stream):
+        keys = [packet.is_keyframe for packet in container.demux(stream) if packet.size]
+    return len(keys) / max(1, sum(keys))
 
 
 def make_synthetic(root, num_classes, videos_per_class):
@@ -956,13 +1199,37 @@ def make_synthetic(root, num_classes, videos_per_class):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a dataset (the doctor) or write a "
-                                     "synthetic one.")
+    parser = argparse.ArgumentParser(description="Check a dataset (the doctor), write a fast "
+                                     "copy of it (--prepare), time its loading (--benchmark), or "
+                                     "write a synthetic one.")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset layout to check")
     parser.add_argument("--data-root", help="dataset root in its official layout")
     parser.add_argument("--split", type=int, default=1, help="split 1, 2 or 3 (hmdb51, ucf101)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads for the doctor (default: all cores)")
+                        help="decoding threads (processes for --prepare) (default: all cores)")
+    parser.add_argument("--prepare", metavar="DST",
+                        help="write a copy of the dataset that loads fast into DST (outside "
+                             "--data-root): every listed video re-encoded with libx264 at "
+                             "--short-side, a keyframe every --gop frames; other files copied. "
+                             "Rerun to resume")
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="--prepare: pixels of the short side (256, X-CLIP's and mmaction's "
+                             "pre-resized Kinetics; never enlarged)")
+    parser.add_argument("--gop", type=int, default=16,
+                        help="--prepare: a keyframe every GOP frames (16: a clip's frame then "
+                             "needs at most 15 before it)")
+    parser.add_argument("--crf", type=int, default=20,
+                        help="--prepare: x264's constant rate factor, lower is better and larger "
+                             "(20: 35-40 dB against the resized originals)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="CPU time per training clip on the dataset's own videos and the "
+                             "cores per GPU that training needs")
+    parser.add_argument("--frames", type=int, default=8, help="--benchmark: T frames a clip (8)")
+    parser.add_argument("--model", default="ViT-B/16", help="--benchmark: the CLIP (ViT-B/16)")
+    parser.add_argument("--gpu-json", help="--benchmark: the GPU's rate from "
+                                           "`python eval.py --benchmark --json FILE` on it")
+    parser.add_argument("--videos", type=int, default=12,
+                        help="--benchmark: videos timed, spread over the training list (12)")
     parser.add_argument("--make-synthetic", metavar="DIR",
                         help="write a small dataset in HMDB51's layout whose classes differ only "
                              "in motion, for smoke tests (DIR must be new or empty)")
@@ -972,13 +1239,21 @@ def main(argv=None):
                         help="--make-synthetic: videos per class, about 70%% train (12)")
     args = parser.parse_args(argv)
     try:
-        if args.workers is not None and args.workers < 1:
-            raise InputError(f"--workers {args.workers}: 1 or more")
+        for flag in ("workers", "frames", "videos"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise InputError(f"--{flag} {value}: 1 or more")
         if args.make_synthetic:
             make_synthetic(args.make_synthetic, args.classes, args.per_class)
             return 0
         if not (args.dataset and args.data_root):
             parser.error("give --dataset and --data-root, or --make-synthetic DIR")
+        if args.prepare:
+            return prepare(args.dataset, args.data_root, args.prepare, args.short_side, args.gop,
+                           args.crf, args.workers)
+        if args.benchmark:
+            return benchmark(args.dataset, args.data_root, args.split, args.frames, args.model,
+                             args.gpu_json, args.videos)
         return doctor(args.dataset, args.data_root, args.split, args.workers)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
