@@ -1084,6 +1084,8 @@ def _reencode(src, dst, short_side, gop, crf):
                     raise VideoError(f"{src}: decode error, frame {written} is corrupt")
                 small = frame.reformat(width, height, "yuv420p", interpolation="AREA")
                 small.pts, small.time_base = written, 1 / rate  # constant rate, same frames
+                small.pict_type = av.video.frame.PictureType.NONE  # the source's keyframes
+                # would force keyframes here too: the GOP is ours to choose
                 out.mux(video.encode(small))
                 written += 1
             out.mux(video.encode())

@@ -104,3 +104,133 @@ def test_a_lying_keyframe_index_still_gives_the_right_frames(tmp_path, monkeypat
         frames = data.read_frames(path, lambda n: indices)
         assert all(np.array_equal(f, reference[i]) for i, f in zip(indices, frames)), \
             f"indices {indices}: a P-frame taken for a keyframe gave other pixels"
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py --prepare: a copy of the dataset that loads fast
+
+def snapshot(folder):
+    """{relative path: (size, mtime)} of every file: what "untouched" means."""
+    return {os.path.relpath(os.path.join(d, f), folder):
+            (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def psnr(reference, frames):
+    """dB over whole clips of uint8 frames."""
+    mse = np.mean((reference.astype(np.float64) - frames.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def resized(frames, height, width):
+    """The originals at the copy's size: antialiased bilinear, as a careful resize would."""
+    clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    small = torch.nn.functional.interpolate(clip.float(), size=(height, width), mode="bilinear",
+                                            antialias=True)
+    return small.round().clamp(0, 255).permute(0, 2, 3, 1).numpy()  # (T, h, w, 3)
+
+
+@pytest.fixture(scope="module")
+def small_hmdb(tmp_path_factory):
+    """An HMDB51 layout: 2 classes x 3 videos of 24 frames, 96 x 64 mpeg4 AVI."""
+    root = str(tmp_path_factory.mktemp("src") / "hmdb51")
+    data.make_synthetic_dataset(root, num_classes=2, videos_per_class=3, frames=24, size=(96, 64))
+    return root
+
+
+def test_prepare_writes_a_copy_that_reads_like_the_source(small_hmdb, tmp_path, capsys):
+    src, dst = small_hmdb, str(tmp_path / "fast")
+    before = snapshot(src)
+    args = ["--dataset", "hmdb51", "--data-root", src, "--prepare", dst, "--short-side", "32",
+            "--gop", "8", "--workers", "2"]
+    assert data.main(args) == 0
+    assert "6 written" in capsys.readouterr().out
+    assert snapshot(src) == before, "--prepare changed a file of the source"
+    for split in (1, 2, 3):  # the same lists and classes, read from the copy
+        for subset in ("train", "test"):
+            samples, classes = data.load_dataset("hmdb51", src, split, subset)
+            copied, copied_classes = data.load_dataset("hmdb51", dst, split, subset)
+            assert copied_classes == classes
+            assert copied == [(os.path.join(dst, os.path.relpath(p, src)), label)
+                              for p, label in samples]
+    for path, _ in data.load_dataset("hmdb51", src, 1, "train")[0] + \
+            data.load_dataset("hmdb51", src, 1, "test")[0]:
+        copy = os.path.join(dst, os.path.relpath(path, src))
+        original, fast = np.stack(full_decode(path)), np.stack(full_decode(copy))
+        assert fast.shape == (24, 32, 48, 3), f"{copy}: {fast.shape}, want 24 frames of 32 x 48"
+        quality = psnr(resized(original, 32, 48), fast)
+        assert quality >= 30, f"{copy}: {quality:.1f} dB against the resized original"
+        with av.open(copy) as container:
+            keys = [i for i, p in enumerate(container.demux(video=0)) if p.size and p.is_keyframe]
+        assert keys == [0, 8, 16], f"{copy}: keyframes at {keys}, want every 8 frames"
+    assert data.main(["--dataset", "hmdb51", "--data-root", dst]) == 0  # the doctor passes it
+    # a rerun keeps what is done (and checks it); a damaged copy is written again
+    done = snapshot(dst)
+    victim = os.path.join(dst, "move_left", "move_left_01.avi")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    capsys.readouterr()
+    assert data.main(args) == 0
+    assert "1 written, 5 already done and checked" in capsys.readouterr().out
+    assert snapshot(dst) == {**done, os.path.relpath(victim, dst): snapshot(dst)[
+        os.path.relpath(victim, dst)]}
+    assert data.check_video(victim) == 24
+
+
+def test_prepare_lists_unreadable_videos_and_never_writes_into_the_source(small_hmdb, tmp_path,
+                                                                          capsys):
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    for rel in snapshot(small_hmdb):
+        os.makedirs(os.path.dirname(os.path.join(src, rel)), exist_ok=True)
+        with open(os.path.join(small_hmdb, rel), "rb") as f:
+            content = f.read()
+        if rel.endswith("move_right_02.avi"):
+            content = b"not a video\n" * 50
+        with open(os.path.join(src, rel), "wb") as f:
+            f.write(content)
+    bad = os.path.join(src, "move_right", "move_right_02.avi")
+    dst = str(tmp_path / "dst")
+    assert data.main(["--dataset", "hmdb51", "--data-root", src, "--prepare", dst,
+                      "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert [line.split(": ")[0] for line in out.splitlines() if line.startswith("BAD")] == \
+        [f"BAD {bad}"], out
+    assert not os.path.exists(os.path.join(dst, "move_right", "move_right_02.avi"))
+    assert os.path.isfile(os.path.join(dst, "move_right", "move_right_01.avi"))
+    before = snapshot(src)
+    for inside in (src, os.path.join(src, "fast")):
+        assert data.main(["--dataset", "hmdb51", "--data-root", src, "--prepare", inside]) == 2
+        assert re.search(r"error: --prepare .*: inside --data-root", capsys.readouterr().err)
+    assert snapshot(src) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py --benchmark: CPU per clip and the cores a GPU needs
+
+def test_benchmark_prints_cores_per_gpu_from_its_own_timing(small_hmdb, tmp_path, capsys):
+    base = ["--dataset", "hmdb51", "--data-root", small_hmdb, "--benchmark", "--videos", "2",
+            "--frames", "4"]
+    assert data.main(base) == 0
+    out = capsys.readouterr().out
+    ms = float(re.search(r"([\d.]+) CPU-ms per clip", out).group(1))
+    per_core = float(re.search(r"([\d.]+) clips per core-second", out).group(1))
+    gpu = float(re.search(r"GPU: ([\d.]+) training clips/s", out).group(1))
+    cores = float(re.search(r"cores per GPU: ([\d.]+)", out).group(1))
+    assert per_core == pytest.approx(1000 / ms, rel=0.02)
+    assert cores == pytest.approx(gpu / per_core, rel=0.02)
+    # ViT-B/16 at T=8 (the default model) trains with 402.6 G multiply-adds a clip (eval.py
+    # --benchmark's count): at 30% of an H100's 989 TFLOP/s, 2 FLOPs a multiply-add, 368 clips/s
+    assert data.main(base[:-2] + ["--frames", "8"]) == 0
+    gpu = float(re.search(r"GPU: ([\d.]+) training", capsys.readouterr().out).group(1))
+    assert gpu == pytest.approx(0.3 * 989e12 / (2 * 402.6e9), rel=0.01)
+    measured = tmp_path / "h100.json"  # what `eval.py --benchmark --json` writes on the GPU
+    measured.write_text(json.dumps(dict(train_clips_per_s=500.0, device_name="NVIDIA H100",
+                                        model="ViT-B/16", frames=4)))
+    assert data.main(base + ["--gpu-json", str(measured)]) == 0
+    out = capsys.readouterr().out
+    per_core = float(re.search(r"([\d.]+) clips per core-second", out).group(1))
+    cores = float(re.search(r"cores per GPU: ([\d.]+)", out).group(1))
+    assert "GPU: 500 training clips/s" in out
+    assert cores == pytest.approx(500 / per_core, rel=0.02)
+    assert "--prepare would" in out
