@@ -482,6 +482,23 @@ class VideoDataset(torch.utils.data.Dataset):
             return dict(error=str(error), index=index)
         return dict(video=video, label=int(label), index=index)
 
+    def clips(self, index, generators):
+        """Training: one clip per generator from a single decode of the video (repeated
+        sampling, MAE-ST): each its own frames and augmentation, each its own item in the list.
+        A bad video gives one error item, as __getitem__."""
+        path, label = self.samples[index]
+        T = self.frames
+        try:
+            frames = read_frames(path, lambda n: sum((train_indices(n, T, g) for g in generators),
+                                                     []))
+        except VideoError as error:
+            if not self.skip_errors:
+                raise
+            return [dict(error=str(error), index=index)]
+        frames = torch.from_numpy(frames)  # (K * T, H, W, 3)
+        return [dict(video=train_transform(frames[k * T:(k + 1) * T], self.size, g, self.flip),
+                     label=int(label), index=index) for k, g in enumerate(generators)]
+
     def load(self, path, index=0):
         T = self.frames
         if self.train:
@@ -499,7 +516,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """Stack the good items; list the bad ones in `errors` (a batch may end up empty)."""
+    """Stack the good items; list the bad ones in `errors` (a batch may end up empty). An item
+    may be a list of items (several clips of one video)."""
+    items = [one for item in items for one in (item if isinstance(item, list) else [item])]
     good = [item for item in items if "error" not in item]
     errors = [item["error"] for item in items if "error" in item]
     return dict(video=torch.stack([item["video"] for item in good]) if good else torch.empty(0),

@@ -7,6 +7,7 @@ The reference for every frame is PyAV's own full decode, in order, written here:
 """
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -234,3 +235,85 @@ def test_benchmark_prints_cores_per_gpu_from_its_own_timing(small_hmdb, tmp_path
     assert "GPU: 500 training clips/s" in out
     assert cores == pytest.approx(500 / per_core, rel=0.02)
     assert "--prepare would" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: --clips-per-video K (MAE-ST's repeated sampling) and --compile
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """3 classes x 8 videos in HMDB51's layout: 18 training videos in split 1."""
+    root = str(tmp_path_factory.mktemp("train") / "hmdb")
+    data.make_synthetic_dataset(root, num_classes=3, videos_per_class=8, frames=8, size=(64, 48))
+    return root
+
+
+def train_args(root, out, *more):
+    """18 videos / batch 4 = 4 steps per epoch, tiny random CLIP, no workers, no evaluation."""
+    return ["--dataset", "hmdb51", "--data-root", root, "--model", "tiny", "--frames", "2",
+            "--batch-size", "4", "--per-gpu-batch", "4", "--epochs", "1", "--warmup-epochs", "0",
+            "--lr", "1e-2", "--min-lr", "1e-3", "--log-every", "1", "--no-eval", "--workers", "0",
+            "--out", str(out), *more]
+
+
+def logged_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [record["loss"] for record in map(json.loads, f) if "step" in record
+                and "epoch" in record and not isinstance(record["epoch"], int)]
+
+
+def test_clips_of_one_video_are_decoded_once_each_with_its_own_draw(train_data, monkeypatch):
+    import train
+    samples, _ = data.load_dataset("hmdb51", train_data, 1, "train")
+    dataset = train.EpochSeededDataset(data.VideoDataset(samples, 2, train=True, size=32), seed=5,
+                                       clips_per_video=3)
+    decodes = []
+    read = data.read_frames
+    monkeypatch.setattr(data, "read_frames", lambda *a, **k: decodes.append(1) or read(*a, **k))
+    clips = dataset[(2, 7)]  # (epoch, video index)
+    assert len(decodes) == 1 and len(clips) == 3, "K clips must come from one decode"
+    assert [c["index"] for c in clips] == [7, 7, 7]
+    videos = [c["video"] for c in clips]
+    assert not torch.equal(videos[0], videos[1]) and not torch.equal(videos[1], videos[2])
+    again = dataset[(2, 7)]  # a resumed run draws the same clips
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(clips, again))
+    assert not torch.equal(dataset[(3, 7)][0]["video"], videos[0])  # a new draw each epoch
+    batch = data.collate([clips, dataset[(2, 8)]])
+    assert batch["video"].shape == (6, 2, 3, 32, 32) and batch["index"].tolist() == [7] * 3 + [8] * 3
+
+
+def test_two_clips_per_video_train_on_cpu_and_deal_each_video_once_per_two_epochs(
+        train_data, tmp_path, monkeypatch):
+    import train
+    keys = []
+    get_item = train.EpochSeededDataset.__getitem__
+    monkeypatch.setattr(train.EpochSeededDataset, "__getitem__",
+                        lambda self, key: keys.append(key) or get_item(self, key))
+    out = tmp_path / "k2"
+    train.main(train_args(train_data, out, "--clips-per-video", "2", "--epochs", "2"))
+    # the schedule keeps its clips: 4 steps of 4 clips an epoch = 8 videos x 2 clips
+    assert [epoch for epoch, _ in keys] == [0] * 8 + [1] * 8
+    videos = [index for _, index in keys]
+    assert len(set(videos)) == 16, f"videos {videos}: two epochs must deal 16 different videos"
+    with open(out / "log.jsonl") as f:  # each step line says how long it waited for data
+        waits = [r["data_wait"] for r in map(json.loads, f) if "data_wait" in r]
+    assert len(waits) == 8 and all(0 <= w <= 1 for w in waits), waits
+    losses = logged_losses(out)
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses), losses
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_compile_trains_with_the_same_losses_on_cpu(train_data, tmp_path, monkeypatch):
+    """aot_eager: TorchDynamo's capture and AOT autograd in seconds; inductor compiles the same
+    graphs into C++ (a minute for this model on two cores)."""
+    import train
+    train.main(train_args(train_data, tmp_path / "eager"))
+    compiled_with = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: compiled_with.append(kw) or compile_(model, **kw))
+    train.main(train_args(train_data, tmp_path / "compiled", "--compile", "aot_eager"))
+    assert compiled_with == [dict(backend="aot_eager")], compiled_with
+    eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    assert len(eager) == 4
+    assert compiled == pytest.approx(eager, abs=1e-4), "torch.compile changed the losses"
