@@ -151,7 +151,7 @@ def read_frames(path, choose_indices, decode_all=False):
     where that cannot be done safely, or with decode_all (the doctor), every frame up to the
     last one chosen is decoded in order (`_decode_in_order`). Both return the same pixels."""
     with _open_video(path) as (container, stream):
-        packets, times, held = [], [], 0
+        packets, times, held = (None if decode_all else []), [], 0  # the doctor holds none
         for packet in container.demux(stream):
             if packet.size:
                 times.append(None if packet.pts is None else float(packet.pts * packet.time_base))
