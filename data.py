@@ -165,7 +165,7 @@ def read_frames(path, choose_indices, decode_all=False):
             raise VideoError(f"{path}: the video stream holds no frames")
         indices = [int(i) for i in choose_indices(listed)]
         arrays = None
-        if packets is not None and not decode_all:
+        if packets is not None:
             arrays = _decode_needed(path, stream.codec_context, packets, indices)
         if arrays is None:
             stream.codec_context.flush_buffers()  # whatever the first try left in the decoder
@@ -216,9 +216,10 @@ def _decode_needed(path, decoder, packets, indices):
     keyframe, need the GOP before). Those stretches, merged where they overlap, are decoded
     each from its keyframe; between them the decoder is drained and reset, which costs less
     than decoding on, since the packets are in memory. While it reads packets no chosen frame
-    is in, the decoder skips non-reference frames (skip_frame NONREF): nothing depends on them. A frame that comes out unexpected (no timestamp, an unknown one, a
-    "keyframe" that is not one, as some AVI indexes claim) or a decoder error sends the video
-    to `_decode_in_order`, which names the damage."""
+    is in, the decoder skips non-reference frames (skip_frame NONREF): nothing depends on them.
+    A frame that comes out unexpected (no timestamp, an unknown one, a "keyframe" that is not
+    one, as some AVI indexes claim) or a decoder error sends the video to `_decode_in_order`,
+    which names the damage."""
     times = [packet.pts for packet in packets]
     if None in times or len(set(times)) < len(times):  # no usable index of timestamps
         return None
@@ -1101,7 +1102,9 @@ def _reencode(src, dst, short_side, gop, crf):
             for frame in container.decode(stream):
                 if frame.is_corrupt:
                     raise VideoError(f"{src}: decode error, frame {written} is corrupt")
-                small = frame.reformat(width, height, "yuv420p", interpolation="AREA")
+                # swscale's bilinear widens its kernel when it shrinks, as PIL's and torch's
+                # antialiased bilinear do: the copy is close to what they make of the original
+                small = frame.reformat(width, height, "yuv420p", interpolation="BILINEAR")
                 small.pts, small.time_base = written, 1 / rate  # constant rate, same frames
                 small.pict_type = av.video.frame.PictureType.NONE  # the source's keyframes
                 # would force keyframes here too: the GOP is ours to choose
