@@ -820,7 +820,8 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device):
                              args.per_gpu_batch // K, rank, world_size)
         plan = plan[epoch % K * steps_per_epoch:(epoch % K + 1) * steps_per_epoch][done:]
         dataset.epoch = epoch
-        sampler.micro_batches = [[(epoch, i) for i in micro] for step in plan for micro in step]
+        sampler.micro_batches = [[(epoch, i) for i in micro] for step_plan in plan
+                                 for micro in step_plan]
         micro_batches = iter(loader)
         epoch_totals, epoch_time = torch.zeros_like(window), time.time()
         model.train()
