@@ -317,3 +317,13 @@ def test_compile_trains_with_the_same_losses_on_cpu(train_data, tmp_path, monkey
     eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
     assert len(eager) == 4
     assert compiled == pytest.approx(eager, abs=1e-4), "torch.compile changed the losses"
+
+
+def test_persistent_workers_draw_each_epoch_as_the_main_process_does(train_data, tmp_path):
+    """A persistent worker keeps its own copy of the dataset: the epoch must reach it with each
+    index, or its second epoch would repeat the first one's augmentation."""
+    import train
+    train.main(train_args(train_data, tmp_path / "inline", "--epochs", "2"))
+    train.main(train_args(train_data, tmp_path / "workers", "--epochs", "2", "--workers", "1"))
+    inline, workers = logged_losses(tmp_path / "inline"), logged_losses(tmp_path / "workers")
+    assert len(inline) == 8 and workers == inline, (inline, workers)
