@@ -4,9 +4,12 @@ the official dataset layouts, few-shot subsets and a synthetic dataset with moti
 Shape legend: T frames, H x W decoded frame, S output size, V views (temporal x spatial).
 A decoded clip is uint8 (T, H, W, 3); a model-ready clip is float32 (T, 3, S, S), CLIP-normalised.
 
-As a script it checks a dataset (the "doctor": every missing, damaged or shared video named) or
-writes a small synthetic one for smoke tests:
+As a script it checks a dataset (the "doctor": every missing, damaged or shared video named),
+writes a copy of it that loads fast, times its loading and the cores a GPU needs, or writes a
+small synthetic one for smoke tests:
     python data.py --dataset hmdb51 --data-root DIR --split 1
+    python data.py --dataset k400 --data-root DIR --prepare DST [--short-side 256] [--gop 16]
+    python data.py --dataset k400 --data-root DIR --benchmark [--frames 8] [--model ViT-B/16]
     python data.py --make-synthetic DIR --classes 6 --per-class 12
 """
 import argparse
@@ -15,14 +18,16 @@ import contextlib
 import csv
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -145,7 +150,9 @@ def _open_video(path):
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # frame + slice threads: several times the default speed
+            # One thread: loader workers, the doctor and --prepare decode one video per core,
+            # and threads (thread_type AUTO) cost 8-20% more CPU time per clip.
+            stream.codec_context.thread_count = 1
             yield container, stream
     except av.FFmpegError as error:
         raise VideoError(f"{path}: decode error, damaged stream ({type(error).__name__}: "
@@ -256,55 +263,152 @@ def count_frames(path):
         return stream.frames or len(_packet_times(container, stream))
 
 
-def read_frames(path, choose_indices):
+HELD_BYTES = 256 * 2 ** 20  # a longer video's packets are not kept: it is decoded in one pass
+
+
+def read_frames(path, choose_indices, decode_all=False):
     """Decode the frames `choose_indices(num_frames)` asks for: uint8 (len(indices), H, W, 3).
 
-    Frames are numbered in presentation order, the order the decoder returns them, so B-frames
-    and odd timestamps need no care, and no seeking (which lands on a keyframe) is needed: sparse
-    sampling wants a frame from the first segment anyway. Decoding stops after the last frame
-    needed; the rest of the file is only demuxed, to check that it holds every frame its header
-    promises (a truncated or damaged file is an error, not a shorter clip)."""
+    Frame i is the i-th in presentation order, the order a full decode returns them. The file
+    is demuxed whole first (packets, no pictures): that checks it holds every frame its header
+    promises (a truncated or damaged file is an error, not a shorter clip) and gives each
+    packet's timestamp. Then only what the chosen frames need is decoded (`_decode_needed`);
+    where that cannot be done safely, or with decode_all (the doctor), every frame up to the
+    last one chosen is decoded in order (`_decode_in_order`). Both return the same pixels."""
     with _open_video(path) as (container, stream):
-        listed, times = stream.frames, None
-        if listed == 0:  # WebM/MKV keep no frame count: count the packets, check, rewind
-            times = _packet_times(container, stream)
-            _check_complete(path, container, stream, times)
-            listed = len(times)
-            container.seek(0)
+        packets, times, held = (None if decode_all else []), [], 0  # the doctor holds none
+        for packet in container.demux(stream):
+            if packet.size:
+                times.append(None if packet.pts is None else float(packet.pts * packet.time_base))
+                if packets is not None:
+                    packets.append(packet)
+                    held += packet.size
+                    packets = None if held > HELD_BYTES else packets
+        _check_complete(path, container, stream, times)
+        listed = stream.frames or len(times)  # WebM/MKV keep no frame count: the packets
         if listed == 0:
             raise VideoError(f"{path}: the video stream holds no frames")
         indices = [int(i) for i in choose_indices(listed)]
-        last, needed = max(indices), set(indices)
-        arrays, decoded, latest, seen, corrupt = {}, 0, None, [], None
-        for packet in container.demux(stream):
-            if packet.size:
-                seen.append(None if packet.pts is None else float(packet.pts * packet.time_base))
-            if decoded > last:
-                continue  # past the last frame needed: demux only
-            for frame in packet.decode():
-                if frame.is_corrupt and corrupt is None:  # the decoder concealed an error
-                    corrupt = decoded
-                if decoded in needed:
-                    arrays[decoded] = frame.to_ndarray(format="rgb24")
-                decoded, latest = decoded + 1, frame
-        if times is None:  # a cut file names its cut, more useful than the corrupt frame
-            _check_complete(path, container, stream, seen)
-        if corrupt is not None:
-            raise VideoError(f"{path}: decode error, frame {corrupt} is corrupt (damaged stream)")
-        if decoded <= last:
-            slack = max(2, listed // 100)
-            if decoded == 0 or decoded < listed - slack:
-                raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
-                                 "(damaged stream)")
-            tail = latest.to_ndarray(format="rgb24")  # within the slack: repeat the last frame
-            arrays.update({i: tail for i in needed if i >= decoded})
+        arrays = None
+        if packets is not None:
+            arrays = _decode_needed(path, stream.codec_context, packets, indices)
+        if arrays is None:
+            stream.codec_context.flush_buffers()  # whatever the first try left in the decoder
+            if packets is None:
+                container.seek(0)
+                packets = (packet for packet in container.demux(stream) if packet.size)
+            arrays = _decode_in_order(path, stream.codec_context, packets, indices, listed)
     return np.stack([arrays[i] for i in indices])
+
+
+def _decode_in_order(path, decoder, packets, indices, listed):
+    """{index: frame} for `indices`, decoding every frame up to the last one needed and
+    counting the frames as the decoder returns them."""
+    last, needed = max(indices), set(indices)
+    arrays, decoded, latest, corrupt = {}, 0, None, None
+    for packet in [*packets, None]:  # None drains the frames the decoder still holds
+        if decoded > last:
+            break
+        for frame in decoder.decode(packet):
+            if frame.is_corrupt and corrupt is None:  # the decoder concealed an error
+                corrupt = decoded
+            if decoded in needed:
+                arrays[decoded] = frame.to_ndarray(format="rgb24")
+            decoded, latest = decoded + 1, frame
+    if corrupt is not None:
+        raise VideoError(f"{path}: decode error, frame {corrupt} is corrupt (damaged stream)")
+    if decoded <= last:
+        slack = max(2, listed // 100)
+        if decoded == 0 or decoded < listed - slack:
+            raise VideoError(f"{path}: the decoder returned {decoded} of {listed} frames "
+                             "(damaged stream)")
+        tail = latest.to_ndarray(format="rgb24")  # within the slack: repeat the last frame
+        arrays.update({i: tail for i in needed if i >= decoded})
+    return arrays
+
+
+class _Unsure(Exception):
+    """The shortcut met something it cannot vouch for: decode in order instead."""
+
+
+def _decode_needed(path, decoder, packets, indices):
+    """{index: frame} for `indices`, decoding only what those frames depend on, or None where
+    that cannot be done safely. `packets` are the stream's, in decoding order.
+
+    Frame i is the packet with the i-th smallest timestamp, so a frame left out cannot shift
+    the count. A frame depends only on packets before it in decoding order, back to the last
+    keyframe shown no later than itself (the leading frames of an open GOP, shown before their
+    keyframe, need the GOP before). Those stretches, merged where they overlap, are decoded
+    each from its keyframe; between them the decoder is drained and reset, which costs less
+    than decoding on, since the packets are in memory. While it reads packets no chosen frame
+    is in, the decoder skips non-reference frames (skip_frame NONREF): nothing depends on them.
+    A frame that comes out unexpected (no timestamp, an unknown one, a "keyframe" that is not
+    one, as some AVI indexes claim) or a decoder error sends the video to `_decode_in_order`,
+    which names the damage."""
+    times = [packet.pts for packet in packets]
+    if None in times or len(set(times)) < len(times):  # no usable index of timestamps
+        return None
+    order = sorted(times)
+    index_of = {t: i for i, t in enumerate(order)}
+    # within the header's slack a video lists a frame or two more than it holds: those indices
+    # repeat the last frame, as a full decode does
+    wanted = {order[min(i, len(order) - 1)] for i in indices}
+    position = {t: j for j, t in enumerate(times)}
+    keyframes = [j for j, packet in enumerate(packets) if packet.is_keyframe]
+    got, corrupt = {}, []
+    state = dict(floor=None, expect=None)  # after a jump: the keyframe's time, still to come
+
+    def take(frames):
+        for frame in frames:
+            if frame.pts not in index_of:
+                raise _Unsure
+            if state["floor"] is not None and frame.pts < state["floor"]:
+                continue  # a leading frame of the GOP jumped into: wrong without the GOP before
+            if state["expect"] is not None:
+                if frame.pts != state["expect"] or not frame.key_frame:
+                    raise _Unsure
+                state["expect"] = None
+            if frame.is_corrupt:
+                corrupt.append(index_of[frame.pts])
+            if frame.pts in wanted and frame.pts not in got:
+                got[frame.pts] = frame.to_ndarray(format="rgb24")
+
+    # each chosen frame needs the packets from its keyframe to itself; overlapping stretches
+    # merge into runs, each decoded from its keyframe, with a jump between runs
+    runs = []
+    for start, end in sorted((max((k for k in keyframes if k <= position[t] and times[k] <= t),
+                                  default=0), position[t]) for t in wanted):
+        if runs and start <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    try:
+        for n, (start, end) in enumerate(runs):
+            if n:  # a jump: the frames still in the decoder, then a clean start
+                decoder.skip_frame = "DEFAULT"
+                take(decoder.decode(None))
+                decoder.flush_buffers()
+            if start:
+                state.update(floor=times[start], expect=times[start])
+            for j in range(start, end + 1):
+                decoder.skip_frame = "DEFAULT" if times[j] in wanted else "NONREF"
+                take(decoder.decode(packets[j]))
+        decoder.skip_frame = "DEFAULT"
+        take(decoder.decode(None))
+    except (_Unsure, av.FFmpegError):
+        decoder.skip_frame = "DEFAULT"
+        return None
+    if corrupt:
+        raise VideoError(f"{path}: decode error, frame {min(corrupt)} is corrupt (damaged stream)")
+    if len(got) < len(wanted):
+        return None
+    return {i: got[order[min(i, len(order) - 1)]] for i in indices}
 
 
 def check_video(path):
     """Decode a whole video (the doctor's check); returns its frame count or raises VideoError."""
     count = []
-    read_frames(path, lambda n: count.append(n) or [0, n - 1])
+    read_frames(path, lambda n: count.append(n) or [0, n - 1], decode_all=True)
     return count[0]
 
 
@@ -511,6 +615,23 @@ class VideoDataset(torch.utils.data.Dataset):
             return dict(error=str(error), index=index)
         return dict(video=video, label=int(label), index=index)
 
+    def clips(self, index, generators):
+        """Training: one clip per generator from a single decode of the video (repeated
+        sampling, MAE-ST): each its own frames and augmentation, each its own item in the list.
+        A bad video gives one error item, as __getitem__."""
+        path, label = self.samples[index]
+        T = self.frames
+        try:
+            frames = read_frames(path, lambda n: sum((train_indices(n, T, g) for g in generators),
+                                                     []))
+        except VideoError as error:
+            if not self.skip_errors:
+                raise
+            return [dict(error=str(error), index=index)]
+        frames = torch.from_numpy(frames)  # (K * T, H, W, 3)
+        return [dict(video=train_transform(frames[k * T:(k + 1) * T], self.size, g, self.flip),
+                     label=int(label), index=index) for k, g in enumerate(generators)]
+
     def load(self, path, index=0):
         T = self.frames
         if self.train:
@@ -528,7 +649,9 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 def collate(items):
-    """Stack the good items; list the bad ones in `errors` (a batch may end up empty)."""
+    """Stack the good items; list the bad ones in `errors` (a batch may end up empty). An item
+    may be a list of items (several clips of one video)."""
+    items = [one for item in items for one in (item if isinstance(item, list) else [item])]
     good = [item for item in items if "error" not in item]
     errors = [item["error"] for item in items if "error" in item]
     return dict(video=torch.stack([item["video"] for item in good]) if good else torch.empty(0),
@@ -940,7 +1063,8 @@ def make_synthetic_dataset(root, num_classes=6, videos_per_class=12, frames=32, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the dataset doctor, the synthetic dataset and the loader benchmark
+# Command line: the dataset doctor, --prepare (a copy that loads fast), the loader benchmark
+# and the synthetic dataset
 
 def progress(iterable, total=None, desc="", seconds=30):
     """tqdm's bar on a terminal; when stderr is redirected to a log, a plain line every
@@ -959,34 +1083,45 @@ def progress(iterable, total=None, desc="", seconds=30):
           file=sys.stderr)
 
 
+def split_lists(dataset, root, split=1):
+    """The doctor's walk over a dataset: {"train": samples, "test": samples} and the classes."""
+    lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
+    return {subset: samples for subset, (samples, _) in lists.items()}, lists["train"][1]
+
+
+def for_each_video(work, paths, workers=None, desc="decoding", processes=False):
+    """work(path) for every path, over the cores (threads: PyAV decodes without the GIL; or
+    processes, for --prepare's encoding), with a progress line; the results in order."""
+    fork = "fork" in multiprocessing.get_all_start_methods()  # no re-import per process
+    pool = (ProcessPoolExecutor(workers or _cores(),
+                                mp_context=multiprocessing.get_context("fork" if fork else None))
+            if processes else ThreadPoolExecutor(workers or _cores()))
+    with pool:
+        return list(progress(pool.map(work, paths), total=len(paths), desc=desc))
+
+
+def _cores():
+    """The cores this process may run on (a job scheduler's share, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def doctor(dataset, root, split=1, workers=None):
     """Print counts per split and class, then every missing file, every video that does not
     decode (with the reason) and every video in both lists (BAD), and every video whose timeline
     has a hole the file cannot explain (WARN: training uses it). Returns the exit status: 0 when
     no video is bad, 1 when some is; a layout that cannot be read is an InputError (status 2)."""
-    lists = {subset: load_dataset(dataset, root, split, subset) for subset in ("train", "test")}
-    classes = lists["train"][1]
-    counts = {s: collections.Counter(label for _, label in lists[s][0]) for s in lists}
+    lists, classes = split_lists(dataset, root, split)
+    counts = {s: collections.Counter(label for _, label in lists[s]) for s in lists}
     print(f"{dataset} split {split}: {len(classes)} classes, "
-          f"{len(lists['train'][0])} train and {len(lists['test'][0])} test videos")
+          f"{len(lists['train'])} train and {len(lists['test'])} test videos")
     for label, name in enumerate(classes):
         print(f"  {label:4d} {name:40s} train {counts['train'][label]:6d}  "
               f"test {counts['test'][label]:6d}")
     problems = []
-    shared = overlapping_videos(lists["train"][0], lists["test"][0])
+    shared = overlapping_videos(lists["train"], lists["test"])
     problems += [f"{p}: in both the train and the test list" for p in shared]
-    paths = sorted({p for s in lists for p, _ in lists[s][0]})
-
-    def check(path):  # ("BAD", reason), ("WARN", reason) or None
-        try:
-            check_video(path)
-            warning = video_warning(path)
-            return warning and ("WARN", warning)
-        except VideoError as error:
-            return "BAD", str(error)
-    with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        results = [r for r in progress(pool.map(check, paths), total=len(paths), desc="decoding")
-                   if r]
+    paths = sorted({p for s in lists for p, _ in lists[s]})
+    results = [r for r in for_each_video(_check, paths, workers) if r]
     problems += [reason for status, reason in results if status == "BAD"]
     warnings = [reason for status, reason in results if status == "WARN"]
     for problem in problems:
@@ -996,6 +1131,240 @@ def doctor(dataset, root, split=1, workers=None):
     print(f"{len(paths)} videos checked, {len(problems)} problems"
           + (f", {len(warnings)} warnings (those videos are used)" if warnings else ""))
     return 1 if problems else 0
+
+
+def _check(path):
+    """The doctor's verdict on one video: None, ("BAD", why it cannot be read), or ("WARN", a
+    hole in its timeline the file cannot explain; training uses it)."""
+    try:
+        check_video(path)
+        warning = video_warning(path)
+        return warning and ("WARN", warning)
+    except VideoError as error:
+        return "BAD", str(error)
+
+
+# --prepare: a copy of the dataset that loads fast. Decoding costs in proportion to the pixels
+# and to the frames decoded; a 256-pixel short side and a keyframe every 16 frames cut both.
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                  ".wmv", ".3gp", ".ogv", ".ts")
+
+
+# x264's veryfast preset with tune fastdecode (no CABAC, no deblocking): measured on 720p
+# H.264 sources, 35-40 dB against the resized originals at crf 20, and a training clip decodes
+# in 32 ms instead of 58 ms with the fast preset; it also encodes twice as fast.
+PREPARE_X264 = dict(preset="veryfast", tune="fastdecode")
+
+
+def prepare(dataset, src, dst, short_side=256, gop=16, crf=20, workers=None):
+    """Re-encode every video the dataset's lists name (all splits) into dst at the same relative
+    path and name, with libx264 at `short_side` (never enlarged; aspect kept, even sides), the
+    same frame rate and frames, a keyframe every `gop` frames, closed GOPs; copy every other
+    file that is not a video (split files, CSVs, JSONs), so dst reads like src. Resumable: a
+    video already in dst is checked (it decodes, with the source's frame count) and kept.
+    Returns the exit status: 0, or 1 when some video could not be read (listed, not copied)."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or real_dst.startswith(real_src + os.sep):
+        raise InputError(f"--prepare {dst}: inside --data-root {src}; choose a folder outside it "
+                         "(the source is never written to)")
+    if real_src.startswith(real_dst + os.sep):
+        raise InputError(f"--prepare {dst}: holds --data-root {src}; choose a folder beside it")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise InputError(f"--prepare {dst}: a file, not a folder")
+    if short_side < 16 or short_side % 2 or gop < 1:
+        raise InputError(f"--short-side {short_side} --gop {gop}: an even short side of 16 or "
+                         "more, and a keyframe every 1 or more frames")
+    splits = (1, 2, 3) if dataset in ("hmdb51", "ucf101") else (1,)
+    videos = sorted({p for split in splits for samples in split_lists(dataset, src, split)[0]
+                     .values() for p, _ in samples})
+    jobs = []
+    for path in videos:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(src))
+        if rel.startswith(os.pardir + os.sep):
+            raise InputError(f"{path}: listed, but outside --data-root {src}; --prepare copies "
+                             "the videos inside it")
+        jobs.append((path, os.path.join(dst, rel), short_side, gop, crf))
+    listed = {os.path.normcase(os.path.abspath(p)) for p in videos}
+    others = [rel for rel in _walk(src) if not rel.lower().endswith(VIDEO_SUFFIXES)
+              and os.path.normcase(os.path.abspath(os.path.join(src, rel))) not in listed]
+    for rel in others:  # split files, CSVs, JSONs: copied unless already there
+        target = os.path.join(dst, rel)
+        source = os.path.join(src, rel)
+        if not (os.path.isfile(target) and os.path.getsize(target) == os.path.getsize(source)):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+    start = time.monotonic()
+    results = for_each_video(_prepare_video, jobs, workers, desc="preparing", processes=True)
+    done = collections.Counter(status for status, _ in results)
+    bad = [message for status, message in results if status == "bad"]
+    for message in bad:
+        print(f"BAD {message} (not copied)")
+    size = {folder: sum(os.path.getsize(job[i]) for job in jobs if os.path.isfile(job[i]))
+            for i, folder in ((0, "src"), (1, "dst"))}
+    print(f"{len(jobs)} videos: {done['written']} written, {done['kept']} already done and "
+          f"checked, {len(bad)} unreadable; {len(others)} other files copied or present; "
+          f"videos {size['src'] / 2 ** 20:.1f} MiB in {src}, {size['dst'] / 2 ** 20:.1f} MiB in "
+          f"{dst}; {time.monotonic() - start:.0f} s")
+    print(f"check it:  python data.py --dataset {dataset} --data-root {dst}")
+    return 1 if bad else 0
+
+
+def _prepare_video(job):
+    """One video of --prepare: ("written" | "kept" | "bad", message). Written under a temporary
+    name and renamed once checked, so an interrupted run leaves no half video under the name."""
+    src, dst, short_side, gop, crf = job
+    try:
+        expected = count_frames(src)
+        if os.path.exists(dst):
+            try:
+                if check_video(dst) == expected:
+                    return "kept", None
+            except VideoError:
+                pass  # damaged or half written by hand: write it again
+        stem, suffix = os.path.splitext(dst)
+        tmp = f"{stem}.partial{suffix}"
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        written = _reencode(src, tmp, short_side, gop, crf)
+        if check_video(tmp) != written or abs(written - expected) > max(2, expected // 100):
+            raise VideoError(f"{src}: the copy holds {written} frames, the source {expected}")
+        os.replace(tmp, dst)
+        return "written", None
+    except VideoError as error:
+        return "bad", str(error)
+    except OSError as error:  # a full disk, a read-only folder
+        return "bad", f"{dst}: cannot write it ({error.strerror or error})"
+
+
+def _reencode(src, dst, short_side, gop, crf):
+    """src -> dst with libx264 (see prepare); returns the frames written."""
+    suffix = os.path.splitext(dst)[1].lower()
+    # WebM holds only VP8/VP9/AV1: SSv2's names get Matroska (ffmpeg reads the content, not the
+    # name). AVI stores no presentation times, so no B-frames there.
+    container_format = {".webm": "matroska", ".avi": "avi"}.get(suffix)
+    options = dict(PREPARE_X264, crf=str(crf), threads="1")
+    # 3 B-frames that nothing refers to (no pyramid): a chosen frame needs at most the I- and
+    # P-frames before it in its GOP, and the loader skips the rest
+    options["x264-params"] = (f"keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0:"
+                              + ("bframes=0" if suffix == ".avi" else "bframes=3:b-pyramid=none"))
+    with _open_video(src) as (container, stream):
+        times = _packet_times(container, stream)
+        _check_complete(src, container, stream, times)
+        container.seek(0)
+        W, H = stream.codec_context.width, stream.codec_context.height
+        scale = min(1.0, short_side / min(W, H))
+        width, height = (2 * max(1, round(side * scale / 2)) for side in (W, H))
+        rate = stream.average_rate or stream.guessed_rate or 30
+        written = 0
+        with av.open(dst, "w", format=container_format) as out:
+            video = out.add_stream("libx264", rate=rate, options=options)
+            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+            for frame in container.decode(stream):
+                if frame.is_corrupt:
+                    raise VideoError(f"{src}: decode error, frame {written} is corrupt")
+                # swscale's bilinear widens its kernel when it shrinks, as PIL's and torch's
+                # antialiased bilinear do: the copy is close to what they make of the original
+                small = frame.reformat(width, height, "yuv420p", interpolation="BILINEAR")
+                small.pts, small.time_base = written, 1 / rate  # constant rate, same frames
+                small.pict_type = av.video.frame.PictureType.NONE  # the source's keyframes
+                # would force keyframes here too: the GOP is ours to choose
+                out.mux(video.encode(small))
+                written += 1
+            out.mux(video.encode())
+    if written == 0:
+        raise VideoError(f"{src}: the decoder returned no frame")
+    return written
+
+
+# --benchmark: what the loader costs on the user's own files, and the cores a GPU needs.
+H100_BF16_PEAK = 989e12  # FLOP/s, dense
+UTILISATION = 0.30       # of the peak, for a training step, when no measured rate is given
+# a training step's multiply-adds over the forward's: eval.py --benchmark counts 402.6 G a clip
+# for ViT-B/16, T=8 (backward through the frozen CLIP needs the input gradients, about one more
+# forward), against 190.7 G for the forward alone
+TRAIN_OVER_FORWARD = 402.6 / 190.7
+
+
+def benchmark(dataset, root, split=1, frames=8, model="ViT-B/16", gpu_json=None, videos=12):
+    """CPU time per training clip on `videos` of the training list (evenly spread), one thread,
+    median of 3; the clips a core makes per second; the cores a GPU needs to train at its rate
+    (eval.py --benchmark --json's train_clips_per_s, else the multiply-adds at UTILISATION of an
+    H100's bf16 peak); whether --prepare would help. Returns the exit status."""
+    import omniclip  # only here: the loader itself does not need the model
+    if model not in omniclip.ARCHITECTURES:
+        raise InputError(f"--model {model}: one of {', '.join(omniclip.ARCHITECTURES)}")
+    samples = split_lists(dataset, root, split)[0]["train"]
+    chosen = [samples[round(k * (len(samples) - 1) / max(1, videos - 1))]
+              for k in range(min(videos, len(samples)))]
+    size = omniclip.ARCHITECTURES[model]["image_resolution"]
+    loader = VideoDataset(chosen, frames, train=True, size=size, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one loader worker: one core
+    costs, shapes, gops, bad = [], [], [], []
+    try:
+        for index, (path, _) in enumerate(progress(chosen, total=len(chosen), desc="timing")):
+            try:
+                seconds = []
+                for _ in range(3):
+                    start = time.process_time()
+                    loader.load(path, index)
+                    seconds.append(time.process_time() - start)
+                costs.append(1000 * statistics.median(seconds))
+                shapes.append(_frame_shape(path))
+                gops.append(_mean_gop(path))
+            except VideoError as error:
+                bad.append(str(error))
+    finally:
+        torch.set_num_threads(threads)
+    for message in bad:
+        print(f"BAD {message} (not timed)")
+    if not costs:
+        raise InputError(f"{dataset} at {root}: none of the {len(chosen)} videos decodes")
+    ms = statistics.mean(costs)
+    per_core = 1000 / ms
+    if gpu_json:
+        with _parsing(gpu_json):
+            with open(gpu_json, encoding="utf-8") as f:
+                report = json.load(f)
+            gpu_rate = float(report["train_clips_per_s"])
+        source = (f"{gpu_json}: {report.get('device_name', 'GPU')}, {report.get('model')}, "
+                  f"T={report.get('frames')}, measured")
+    else:
+        config = omniclip.OmniCLIPConfig(**omniclip.ARCHITECTURES[model], frames=frames)
+        train_macs = TRAIN_OVER_FORWARD * omniclip.analytic_macs(config, 400)["total"]
+        gpu_rate = UTILISATION * H100_BF16_PEAK / (2 * train_macs)  # a multiply-add is 2 FLOPs
+        source = (f"H100 at {UTILISATION:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 "
+                  f"peak, {model}, T={frames}: {train_macs / 1e9:.1f} G multiply-adds a "
+                  "training clip")
+    short = statistics.median(min(h, w) for h, w in shapes)
+    gop = statistics.median(gops)
+    print(f"{len(costs)} training clips (T={frames}, {size} px, one thread, median of 3): "
+          f"{ms:.1f} CPU-ms per clip, {per_core:.1f} clips per core-second")
+    print(f"GPU: {gpu_rate:.0f} training clips/s ({source})")
+    print(f"cores per GPU: {gpu_rate / per_core:.1f} (loader workers per GPU, one core each)")
+    reasons = [f"a short side of {short:.0f} px (decoding cost grows with the pixels)"
+               if short > 1.25 * 256 else "",
+               f"a keyframe every {gop:.0f} frames (a clip's frames need the GOP before them)"
+               if gop > 2 * 16 else ""]
+    reasons = [r for r in reasons if r]
+    if reasons:
+        print(f"--prepare would help: {' and '.join(reasons)}; "
+              f"python data.py --dataset {dataset} --data-root {root} --prepare DST")
+    else:
+        print(f"--prepare would not help much: short side {short:.0f} px, a keyframe every "
+              f"{gop:.0f} frames")
+    return 1 if bad else 0
+
+
+def _frame_shape(path):
+    with _open_video(path) as (container, stream):
+        return stream.codec_context.height, stream.codec_context.width
+
+
+def _mean_gop(path):
+    """Frames per keyframe, from the packets' flags."""
+    with _open_video(path) as (container, stream):
+        keys = [packet.is_keyframe for packet in container.demux(stream) if packet.size]
+    return len(keys) / max(1, sum(keys))
 
 
 def make_synthetic(root, num_classes, videos_per_class):
@@ -1010,13 +1379,37 @@ def make_synthetic(root, num_classes, videos_per_class):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Check a dataset (the doctor) or write a "
-                                     "synthetic one.")
+    parser = argparse.ArgumentParser(description="Check a dataset (the doctor), write a fast "
+                                     "copy of it (--prepare), time its loading (--benchmark), or "
+                                     "write a synthetic one.")
     parser.add_argument("--dataset", choices=DATASETS, help="dataset layout to check")
     parser.add_argument("--data-root", help="dataset root in its official layout")
     parser.add_argument("--split", type=int, default=1, help="split 1, 2 or 3 (hmdb51, ucf101)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads for the doctor (default: all cores)")
+                        help="decoding threads (processes for --prepare) (default: all cores)")
+    parser.add_argument("--prepare", metavar="DST",
+                        help="write a copy of the dataset that loads fast into DST (outside "
+                             "--data-root): every listed video re-encoded with libx264 at "
+                             "--short-side, a keyframe every --gop frames; other files copied. "
+                             "Rerun to resume")
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="--prepare: pixels of the short side (256, X-CLIP's and mmaction's "
+                             "pre-resized Kinetics; never enlarged)")
+    parser.add_argument("--gop", type=int, default=16,
+                        help="--prepare: a keyframe every GOP frames (16: a clip's frame then "
+                             "needs at most 15 before it)")
+    parser.add_argument("--crf", type=int, default=20,
+                        help="--prepare: x264's constant rate factor, lower is better and larger "
+                             "(20: 35-40 dB against the resized originals)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="CPU time per training clip on the dataset's own videos and the "
+                             "cores per GPU that training needs")
+    parser.add_argument("--frames", type=int, default=8, help="--benchmark: T frames a clip (8)")
+    parser.add_argument("--model", default="ViT-B/16", help="--benchmark: the CLIP (ViT-B/16)")
+    parser.add_argument("--gpu-json", help="--benchmark: the GPU's rate from "
+                                           "`python eval.py --benchmark --json FILE` on it")
+    parser.add_argument("--videos", type=int, default=12,
+                        help="--benchmark: videos timed, spread over the training list (12)")
     parser.add_argument("--make-synthetic", metavar="DIR",
                         help="write a small dataset in HMDB51's layout whose classes differ only "
                              "in motion, for smoke tests (DIR must be new or empty)")
@@ -1026,13 +1419,21 @@ def main(argv=None):
                         help="--make-synthetic: videos per class, about 70%% train (12)")
     args = parser.parse_args(argv)
     try:
-        if args.workers is not None and args.workers < 1:
-            raise InputError(f"--workers {args.workers}: 1 or more")
+        for flag in ("workers", "frames", "videos"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise InputError(f"--{flag} {value}: 1 or more")
         if args.make_synthetic:
             make_synthetic(args.make_synthetic, args.classes, args.per_class)
             return 0
         if not (args.dataset and args.data_root):
             parser.error("give --dataset and --data-root, or --make-synthetic DIR")
+        if args.prepare:
+            return prepare(args.dataset, args.data_root, args.prepare, args.short_side, args.gop,
+                           args.crf, args.workers)
+        if args.benchmark:
+            return benchmark(args.dataset, args.data_root, args.split, args.frames, args.model,
+                             args.gpu_json, args.videos)
         return doctor(args.dataset, args.data_root, args.split, args.workers)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1007,7 +1007,8 @@ def build_parser():
     a("--benchmark", action="store_true", help="parameters, multiply-adds, throughput and memory of "
       "OmniCLIP (the variant the model options build) beside frame-average CLIP; random weights")
     a("--num-classes", type=at_least(1), default=400, help="benchmark classes (K400: 400)")
-    a("--compile", action="store_true", help="benchmark with torch.compile")
+    a("--compile", action="store_true", help="torch.compile the model (inductor; off by default): "
+      "the benchmark's steps, and a --dataset evaluation's forwards")
     a("--grad-checkpointing", action="store_true", help="benchmark OmniCLIP with "
       "gradient checkpointing (the baseline has none)")
     a("--warmup", type=at_least(0), default=2, help="benchmark warm-up calls per step (default 2)")
@@ -1171,6 +1172,8 @@ def main(argv=None):
         if args.video:
             report = video_main(model, args, run, device)
         else:
+            if args.compile:  # the forward over the dataset's clips; --video keeps eager hooks
+                model = torch.compile(model)
             splits = [1, 2, 3] if args.split == "all" else [args.split]
             report = evaluate_splits(model, args, run["frames"], input_size(model), run["template"],
                                      device, world > 1, splits)

@@ -55,6 +55,7 @@ import eval as evaluation
 import omniclip
 
 BAD_INPUT = (data.InputError, clip_weights.WeightsError)  # one line, exit 2; anything else is a bug
+DATA_WAIT_SHARE = 0.1  # a log line says so when the step waits for data longer than this share
 
 
 class Diverged(FloatingPointError):
@@ -180,7 +181,18 @@ def parse_args(argv=None):
     a("--save-every", type=int, help="checkpoint every N optimizer steps (and at each epoch end)")
     a("--log-every", type=int, help="one JSON log line every N optimizer steps (10)")
     a("--seed", type=int, help="process r uses seed + r")
-    a("--workers", type=int, help="data loader processes per GPU (default: CPUs / GPUs, at most 8)")
+    a("--workers", type=int, help="data loader processes per GPU, one core each (default: the "
+                                  "cores per GPU, less one for the training process; README, What "
+                                  "it costs: `data.py --benchmark` says how many a GPU needs)")
+    a("--clips-per-video", type=int, default=1,
+      help="K clips from each decoded video, each its own sample with its own frames and "
+           "augmentation (MAE-ST's repeated sampling, Feichtenhofer et al. 2022). An epoch keeps "
+           "its clips and steps, so it decodes 1/K of the videos, K clips each; every K epochs deal "
+           "each video once. 720p H.264: 0.70x the CPU per clip at K=2, 0.44x at K=4 (README, "
+           "What it costs). Default 1, the paper's")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="torch.compile the model (default backend inductor, which needs a C++ compiler on the "
+           "CPU; aot_eager compiles in seconds, for checks). Off by default")
     a("--eval-batch-size", type=int, help="videos per forward at test (default: 2 x per-gpu-batch "
                                           "/ views, as no activations are kept for backward)")
     a("--bad-videos", default="skip", choices=["skip", "stop"],
@@ -255,8 +267,12 @@ def check_args(p, args):
     if args.batch_size % (args.per_gpu_batch * world_size):
         p.error(f"--batch-size {args.batch_size} (global) is not a multiple of --per-gpu-batch "
                 f"{args.per_gpu_batch} x {world_size} process(es)")
-    if args.workers is None:
-        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if args.workers is None:  # the cores this process may use, shared by the GPUs of the node
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        args.workers = max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    if args.clips_per_video < 1 or args.per_gpu_batch % args.clips_per_video:
+        p.error(f"--clips-per-video {args.clips_per_video}: 1 or more, dividing --per-gpu-batch "
+                f"{args.per_gpu_batch} (a micro-batch holds whole videos' clips)")
     if args.data_root is None:
         p.error("--data-root is required (or --demo): the dataset's folder, laid out as the "
                 "README's dataset table shows")
@@ -288,19 +304,42 @@ def derive_seed(*numbers):
     return int(np.random.SeedSequence([int(n) for n in numbers]).generate_state(1)[0])
 
 
+class EpochPlan:
+    """The batch sampler of the one persistent loader: this epoch's micro-batches of
+    (epoch, index) keys, replaced at each epoch."""
+
+    def __init__(self):
+        self.micro_batches = []
+
+    def __iter__(self):
+        return iter(self.micro_batches)
+
+    def __len__(self):
+        return len(self.micro_batches)
+
+
 class EpochSeededDataset(torch.utils.data.Dataset):
     """data.VideoDataset with each item's augmentation drawn from generators seeded by
     (seed, epoch, index), whichever worker loads it. data.py draws from the global torch, numpy and
     python generators; we seed them for the one item and restore them after."""
 
-    def __init__(self, dataset, seed):
+    def __init__(self, dataset, seed, clips_per_video=1):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.clips_per_video = clips_per_video
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, index):
-        seed = derive_seed(self.seed, self.epoch, index)
+    def __getitem__(self, key):
+        """key: an index, or (epoch, index) from a persistent worker, whose copy of the dataset
+        does not see `epoch` change. With clips_per_video K > 1, a list of K samples decoded
+        at once, clip k drawn from (seed, epoch, index, k)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if self.clips_per_video > 1:
+            generators = [torch.Generator().manual_seed(derive_seed(self.seed, epoch, index, k))
+                          for k in range(self.clips_per_video)]
+            return self.dataset.clips(index, generators)
+        seed = derive_seed(self.seed, epoch, index)
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):  # CPU generator only: workers must not touch CUDA
             torch.default_generator.manual_seed(seed)
@@ -383,7 +422,8 @@ def make_optimizer(model, args):
             (no_decay if skip else decay).append(p)
     groups = [dict(params=decay, weight_decay=args.weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    fused = any(p.is_cuda for p in decay + no_decay) or None  # one kernel for all tensors on GPUs
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, fused=fused)
 
 
 def train_micro_step(model, batch, class_features, num_classes, args, rng, accumulation, autocast):
@@ -412,7 +452,7 @@ RUN_ARGS = ("dataset", "data_root", "split", "shots", "zero_shot", "frames", "mo
             "lr", "min_lr", "epochs", "warmup_epochs", "weight_decay", "label_smoothing", "mixup",
             "cutmix", "cutmix_prob", "flip", "template", "seed", "no_pta", "pta_layers",
             "temporal_ratio", "connection", "no_spg", "spg_pooling", "no_spg_projector",
-            "spg_per_layer", "video_prompts", "prompt_generator", "demo")
+            "spg_per_layer", "video_prompts", "prompt_generator", "demo", "clips_per_video")
 
 
 RESUME_KEYS = ("model", "config", "clip_weights", "args", "optimizer", "step")
@@ -812,12 +852,23 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     raw_model = model
     if ddp:  # frozen tensors have requires_grad False, so DDP neither syncs nor waits for them
         model = DDP(model, device_ids=[local_rank] if cuda else None)
+    if args.compile:  # the training forward and backward; evaluation runs raw_model
+        model = torch.compile(model, backend=args.compile)
 
     config, size = raw_model.config, raw_model.config.image_resolution
     accumulation = args.batch_size // (args.per_gpu_batch * world_size)
     dataset = EpochSeededDataset(data.VideoDataset(
         inputs.train_samples, args.frames, train=True, size=size, flip=args.flip,
-        skip_errors=args.bad_videos == "skip"), args.seed)
+        skip_errors=args.bad_videos == "skip"), args.seed, args.clips_per_video)
+    # one loader for the whole run: its workers (one core, one decoder thread each) persist
+    # across epochs; pinned memory and 2 micro-batches in flight per worker feed a GPU (each
+    # a micro-batch in shared memory: 154 MB for 32 clips of 8 frames at 224 px)
+    sampler = EpochPlan()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=args.workers,
+        pin_memory=cuda, persistent_workers=args.workers > 0,
+        prefetch_factor=2 if args.workers else None, worker_init_fn=StopSignal.ignore_in_worker,
+        generator=torch.Generator().manual_seed(derive_seed(args.seed, rank)))
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -885,19 +936,19 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     empty = dict(video=torch.zeros(1, args.frames, 3, size, size),
                  label=torch.zeros(1, dtype=torch.long), weight=0.0)
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
-    window_time, skipped_total, lr = time.time(), 0, 0.0
+    window_time, skipped_total, lr, data_wait = time.time(), 0, 0.0, 0.0
     bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
     stop.message = None  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
-        plan = epoch_batches(len(dataset), args.seed, epoch, args.batch_size, args.per_gpu_batch,
-                             rank, world_size)[done:]
+        # K clips per video: the videos of K epochs are one permutation, dealt 1/K an epoch
+        K = args.clips_per_video
+        plan = epoch_batches(len(dataset), args.seed, epoch // K, args.batch_size // K,
+                             args.per_gpu_batch // K, rank, world_size)
+        plan = plan[epoch % K * steps_per_epoch:(epoch % K + 1) * steps_per_epoch][done:]
         dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[micro for step_plan in plan for micro in step_plan],
-            collate_fn=data.collate, num_workers=args.workers, pin_memory=cuda,
-            worker_init_fn=StopSignal.ignore_in_worker,
-            generator=torch.Generator().manual_seed(derive_seed(args.seed, epoch, rank)))
+        sampler.micro_batches = [[(epoch, i) for i in micro] for step_plan in plan
+                                 for micro in step_plan]
         micro_batches = iter(loader)
         epoch_totals, epoch_time = torch.zeros_like(window), time.time()
         model.train()
@@ -908,7 +959,9 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(accumulation):
+                waited = time.time()
                 batch = next(micro_batches)
+                data_wait += time.time() - waited
                 for error in batch.get("errors", []):  # every rank names its own bad videos
                     tqdm.write(f"[rank {rank}] skipped {error}", file=sys.stderr)
                 if len(batch["label"]) == 0:  # all failed: a zero-weight step keeps ranks in step
@@ -943,12 +996,18 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                 os.kill(os.getpid(), signal.SIGKILL)
             if step % args.log_every == 0:
                 stats, now = reduce(window), time.time()
+                waiting = data_wait / (now - window_time)  # rank 0's share of the time
                 log(dict(step=step, epoch=round(step / steps_per_epoch, 3), lr=lr,
                          loss=round(stats["loss"], 4), train_top1=round(stats["train_top1"], 2),
                          clips_per_s=round(stats["clips"] / (now - window_time), 2),
-                         skipped=stats["skipped"]))
+                         skipped=stats["skipped"], data_wait=round(waiting, 3)))
+                if master_process and args.workers and waiting > DATA_WAIT_SHARE:
+                    tqdm.write(f"the loader is the limit: {waiting:.0%} of the last "
+                               f"{args.log_every} steps waited for data (--workers "
+                               f"{args.workers}); see README, What it costs: data.py --benchmark "
+                               "and --prepare", file=sys.stderr)
                 window.zero_()
-                window_time = now
+                window_time, data_wait = now, 0.0
             if step % args.save_every == 0 or step % steps_per_epoch == 0:
                 save()
             if stopped_by is not None:  # every rank got here at the same step (agree)
