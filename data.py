@@ -648,6 +648,16 @@ class VideoDataset(torch.utils.data.Dataset):
                           for v in range(temporal)])  # (V, T, 3, S, S)
 
 
+def loader_workers(workers):
+    """`workers`, or 0 under a file-size limit (`ulimit -f`, RLIMIT_FSIZE: how a full disk is
+    simulated). A loader worker hands each batch over in a shared-memory file, which the limit
+    caps as well: the batch would be lost in the worker and the main process wait for it forever.
+    Loading in the main process gives the same batches (the sampling depends on positions only)."""
+    import resource
+    limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+    return 0 if limited else workers
+
+
 def collate(items):
     """Stack the good items; list the bad ones in `errors` (a batch may end up empty). An item
     may be a list of items (several clips of one video)."""

@@ -317,7 +317,8 @@ def evaluate(model, dataset, class_features, device, batch_size, distributed=Fal
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shard = Subset(dataset, range(rank, len(dataset), world))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
+                        num_workers=data.loader_workers(num_workers),
                         collate_fn=data.collate)
     class_features = class_features.to(device)
     results, skipped = [], []   # results: (video index, label, probabilities (C,))

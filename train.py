@@ -863,11 +863,11 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     # one loader for the whole run: its workers (one core, one decoder thread each) persist
     # across epochs; pinned memory and 2 micro-batches in flight per worker feed a GPU (each
     # a micro-batch in shared memory: 154 MB for 32 clips of 8 frames at 224 px)
-    sampler = EpochPlan()
+    sampler, workers = EpochPlan(), data.loader_workers(args.workers)  # 0 under `ulimit -f`
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=args.workers,
-        pin_memory=cuda, persistent_workers=args.workers > 0,
-        prefetch_factor=2 if args.workers else None, worker_init_fn=StopSignal.ignore_in_worker,
+        dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=workers,
+        pin_memory=cuda, persistent_workers=workers > 0,
+        prefetch_factor=2 if workers else None, worker_init_fn=StopSignal.ignore_in_worker,
         generator=torch.Generator().manual_seed(derive_seed(args.seed, rank)))
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
@@ -1001,7 +1001,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
                          loss=round(stats["loss"], 4), train_top1=round(stats["train_top1"], 2),
                          clips_per_s=round(stats["clips"] / (now - window_time), 2),
                          skipped=stats["skipped"], data_wait=round(waiting, 3)))
-                if master_process and args.workers and waiting > DATA_WAIT_SHARE:
+                if master_process and workers and waiting > DATA_WAIT_SHARE:
                     tqdm.write(f"the loader is the limit: {waiting:.0%} of the last "
                                f"{args.log_every} steps waited for data (--workers "
                                f"{args.workers}); see README, What it costs: data.py --benchmark "

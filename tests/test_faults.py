@@ -317,10 +317,14 @@ def test_a_full_disk_at_the_report_prints_the_evaluation_then_one_line(
         dataset, whole_run, tmp_path, monkeypatch, capsys):
     report = tmp_path / "r.json"
     report.write_text('{"old": true}')
+    # a loader worker hands its batches over in shared-memory files, which the limit caps too:
+    # the batch was lost and eval.py waited for it forever; under a limit the main process loads
+    assert data.loader_workers(3) == 3
     with file_size_limit(300):
+        assert data.loader_workers(3) == 0
         status, out, err = run_script("eval.py", [
             "--checkpoint", whole_run / "checkpoint.pt", "--dataset", "hmdb51", "--data-root",
-            dataset, "--num-workers", "0", "--json", report], monkeypatch, capsys)
+            dataset, "--num-workers", "1", "--json", report], monkeypatch, capsys)
     assert status == 2 and err == f"error: {report}: cannot write: File too large\n", err
     assert re.search(r"top-1 [\d.]+%", out), out                      # what it computed
     assert report.read_text() == '{"old": true}' and os.listdir(tmp_path) == ["r.json"]
