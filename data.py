@@ -1202,9 +1202,13 @@ def prepare(dataset, src, dst, short_side=256, gop=16, crf=20, workers=None):
         source = os.path.join(src, rel)
         if not (os.path.isfile(target) and os.path.getsize(target) == os.path.getsize(source)):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(source, target)
+            with open(source, "rb") as f:  # whole or not at all, on a full disk too
+                write_file(target, lambda out: shutil.copyfileobj(f, out))
     start = time.monotonic()
     results = for_each_video(_prepare_video, jobs, workers, desc="preparing", processes=True)
+    for status, error in results:  # a full disk is no fault of the videos: its one line
+        if status == "unwritable":
+            raise error
     done = collections.Counter(status for status, _ in results)
     bad = [message for status, message in results if status == "bad"]
     for message in bad:
@@ -1233,16 +1237,22 @@ def _prepare_video(job):
                 pass  # damaged or half written by hand: write it again
         stem, suffix = os.path.splitext(dst)
         tmp = f"{stem}.partial{suffix}"
-        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-        written = _reencode(src, tmp, short_side, gop, crf)
-        if check_video(tmp) != written or abs(written - expected) > max(2, expected // 100):
-            raise VideoError(f"{src}: the copy holds {written} frames, the source {expected}")
-        os.replace(tmp, dst)
+        try:
+            os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+            written = _reencode(src, tmp, short_side, gop, crf)
+            if check_video(tmp) != written or abs(written - expected) > max(2, expected // 100):
+                raise VideoError(f"{src}: the copy holds {written} frames, the source {expected}")
+            os.replace(tmp, dst)
+        finally:  # no half video left behind, whatever stopped it
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         return "written", None
+    except WriteError as error:  # a full disk, a read-only folder: the run stops on it
+        return "unwritable", WriteError(dst, error.reason)  # named as the user will look for it
     except VideoError as error:
         return "bad", str(error)
-    except OSError as error:  # a full disk, a read-only folder
-        return "bad", f"{dst}: cannot write it ({error.strerror or error})"
+    except OSError as error:
+        return "unwritable", WriteError(dst, error.strerror or str(error))
 
 
 def _reencode(src, dst, short_side, gop, crf):
@@ -1265,7 +1275,11 @@ def _reencode(src, dst, short_side, gop, crf):
         width, height = (2 * max(1, round(side * scale / 2)) for side in (W, H))
         rate = stream.average_rate or stream.guessed_rate or 30
         written = 0
-        with av.open(dst, "w", format=container_format) as out:
+        try:  # a failed write names dst and the OS's reason, not the source as damaged
+            out = av.open(dst, "w", format=container_format)
+        except OSError as error:
+            raise WriteError(dst, error.strerror or str(error)) from None
+        try:
             video = out.add_stream("libx264", rate=rate, options=options)
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             for frame in container.decode(stream):
@@ -1277,12 +1291,28 @@ def _reencode(src, dst, short_side, gop, crf):
                 small.pts, small.time_base = written, 1 / rate  # constant rate, same frames
                 small.pict_type = av.video.frame.PictureType.NONE  # the source's keyframes
                 # would force keyframes here too: the GOP is ours to choose
-                out.mux(video.encode(small))
+                _mux(out, video.encode(small), dst)
                 written += 1
-            out.mux(video.encode())
+            _mux(out, video.encode(), dst)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                out.close()
+            raise
+        try:  # the trailer (an MP4's index) is written here
+            out.close()
+        except OSError as error:
+            raise WriteError(dst, error.strerror or str(error)) from None
     if written == 0:
         raise VideoError(f"{src}: the decoder returned no frame")
     return written
+
+
+def _mux(out, packets, dst):
+    """out.mux(packets); a failed write (ENOSPC, EFBIG) is a WriteError naming dst."""
+    try:
+        out.mux(packets)
+    except OSError as error:
+        raise WriteError(dst, error.strerror or str(error)) from None
 
 
 # --benchmark: what the loader costs on the user's own files, and the cores a GPU needs.

@@ -365,6 +365,22 @@ def test_every_writer_survives_a_full_disk(tmp_path, whole_run, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted([*writers, "log.jsonl"])  # no temp, no folder
 
 
+def test_prepare_on_a_full_disk_names_the_copy_not_the_source_and_leaves_no_half_video(
+        dataset, tmp_path):
+    """--prepare's encoder writes through PyAV: its EFBIG was reported as the source video's
+    damage (BAD ..., exit 1) and left a .partial video behind."""
+    dst = tmp_path / "fast"
+    before = sorted(data._walk(dataset))
+    with file_size_limit(3000):
+        with pytest.raises(data.WriteError) as error:
+            data.prepare("hmdb51", dataset, str(dst), short_side=32, workers=1)
+    assert re.fullmatch(rf"{re.escape(str(dst))}/\S+\.avi: cannot write: File too large",
+                        str(error.value)), error.value
+    written = data._walk(str(dst))
+    assert not [name for name in written if ".partial" in name or name.endswith(".tmp")], written
+    assert sorted(data._walk(dataset)) == before                       # the source untouched
+
+
 # ------------------------------------------------------------------------------------------------
 # Variable frame rate is not damage
 
