@@ -276,6 +276,7 @@ def read_frames(path, choose_indices, decode_all=False):
     where that cannot be done safely, or with decode_all (the doctor), every frame up to the
     last one chosen is decoded in order (`_decode_in_order`). Both return the same pixels."""
     with _open_video(path) as (container, stream):
+        size = stream.codec_context.width, stream.codec_context.height  # the first frame's
         packets, times, held = (None if decode_all else []), [], 0  # the doctor holds none
         for packet in container.demux(stream):
             if packet.size:
@@ -298,7 +299,17 @@ def read_frames(path, choose_indices, decode_all=False):
                 container.seek(0)
                 packets = (packet for packet in container.demux(stream) if packet.size)
             arrays = _decode_in_order(path, stream.codec_context, packets, indices, listed)
-    return np.stack([arrays[i] for i in indices])
+    return np.stack([_at_size(arrays[i], *size) for i in indices])
+
+
+def _at_size(array, width, height):
+    """A frame (H, W, 3) at the video's first frame's size. A stream may change its size
+    midway (a phone's resolution switch, segments joined): the later frames are scaled to the
+    first's (bilinear), so one video gives one size, as a player shows it."""
+    if not width or not height or array.shape[:2] == (height, width):
+        return array
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+    return frame.reformat(width, height, interpolation="BILINEAR").to_ndarray(format="rgb24")
 
 
 def _decode_in_order(path, decoder, packets, indices, listed):

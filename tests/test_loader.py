@@ -6,6 +6,7 @@ The reference for every frame is PyAV's own full decode, in order, written here:
 (jumps to keyframes, non-reference frames skipped) must not change a single byte.
 """
 import contextlib
+import fractions
 import json
 import math
 import os
@@ -73,6 +74,39 @@ def test_read_frames_is_bit_identical_to_a_full_decode(tmp_path, name, monkeypat
             assert np.array_equal(frame, reference[i]), \
                 f"{name}: frame {i} of indices {indices} differs from a full decode"
     assert not calls, f"{name}: fell back to decoding every frame in order"
+
+
+def test_a_stream_that_changes_its_size_midway_decodes_at_the_first_frames_size(tmp_path):
+    """Two H.264 segments of different sizes in one stream (a phone's resolution switch, clips
+    joined without re-encoding): every frame comes at the first frame's size, the first
+    segment's bit for bit (np.stack of both sizes was a ValueError traceback in the doctor)."""
+    segments = []
+    for i, (width, height) in enumerate([(64, 48), (96, 72)]):
+        raw = str(tmp_path / f"{i}.h264")
+        with av.open(raw, "w", format="h264") as out:
+            stream = out.add_stream("libx264", rate=30, options={"preset": "ultrafast"})
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for t, array in enumerate(moving_texture(12, height, width, seed=i)):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts = t
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode())
+        segments.append(open(raw, "rb").read())
+    (tmp_path / "joined.h264").write_bytes(b"".join(segments))
+    path = str(tmp_path / "joined.mkv")
+    with av.open(str(tmp_path / "joined.h264")) as source, av.open(path, "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for t, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            packet.stream, packet.pts, packet.dts = stream, t, t
+            packet.time_base = stream.time_base = fractions.Fraction(1, 30)
+            out.mux(packet)
+    reference = full_decode(path)
+    assert [f.shape for f in reference[11:13]] == [(48, 64, 3), (72, 96, 3)]
+    assert data.check_video(path) == 24                                  # the doctor: OK
+    frames = data.read_frames(path, lambda n: [0, 11, 12, 23])
+    assert frames.shape == (4, 48, 64, 3)
+    assert np.array_equal(frames[0], reference[0]) and np.array_equal(frames[1], reference[11])
+    assert abs(frames[3].astype(int).mean() - reference[23].astype(int).mean()) < 8  # scaled
 
 
 class _LyingContainer:
