@@ -118,6 +118,17 @@ def load_trained(model, state, path, built_by="its config", load=True):
     """Copy a checkpoint's trained tensors into `model` (load=False: only check), strictly; the
     first tensor that does not fit (missing, extra, another shape or dtype) is one InputError
     naming `path` and both sides."""
+    differences = tensor_differences(model, state)
+    if differences:
+        raise InputError(f"{path}: its trained tensors do not fit the model {built_by} builds: "
+                         f"{differences[0]}" + (f" (and {len(differences) - 1} more)"
+                                                if len(differences) > 1 else ""))
+    if load:
+        model.load_trainable_state_dict(state)
+
+
+def tensor_differences(model, state):
+    """Each trained tensor of `state` that does not fit `model`, both sides described."""
     def describe(t):
         return (f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                 if isinstance(t, torch.Tensor) else type(t).__name__)
@@ -132,12 +143,7 @@ def load_trained(model, state, path, built_by="its config", load=True):
             differences.append(f"{name} is missing from the checkpoint (model: {describe(here)})")
         elif there.shape != here.shape or there.dtype != here.dtype:
             differences.append(f"{name}: checkpoint {describe(there)}, model {describe(here)}")
-    if differences:
-        raise InputError(f"{path}: its trained tensors do not fit the model {built_by} builds: "
-                         f"{differences[0]}" + (f" (and {len(differences) - 1} more)"
-                                                if len(differences) > 1 else ""))
-    if load:
-        model.load_trainable_state_dict(state)
+    return differences
 
 
 def checkpoint_config(checkpoint, path):

@@ -552,9 +552,13 @@ def prepare_run(args, inputs, model=None):
     if resume:
         checkpoint = read_resumable(resume)
         differences = resume_differences(checkpoint, args, inputs)
-        if differences:
+        if differences:  # and the first tensor that does not fit, as a mismatch always says
+            tensors = [] if model is None else evaluation.tensor_differences(
+                model, checkpoint["model"])
             raise data.InputError(f"--resume {resume} is another run: it differs in "
-                                  f"{'; '.join(differences)}")
+                                  f"{'; '.join(differences)}" + (
+                                      f"; its first tensor that does not fit: {tensors[0]}"
+                                      if tensors else ""))
         if model is not None:
             evaluation.load_trained(model, checkpoint["model"], resume, "these flags", load=False)
     try:

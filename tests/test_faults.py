@@ -280,6 +280,17 @@ def test_resume_refuses_a_checkpoint_whose_tensors_do_not_fit_naming_the_first(
             (case, message)
         assert path.read_bytes() == before and os.listdir(tmp_path / case) == ["checkpoint.pt"]
 
+    def other_adapter(c):  # a --connection cascade run's: its flags and its tensors differ
+        c["args"]["connection"], c["adapter"] = "cascade", "STAdapter"
+        del c["model"][first]
+    path = crafted(whole_run, tmp_path / "adapter", other_adapter)
+    with pytest.raises(data.InputError) as error:
+        train.main(small(dataset, tmp_path / "adapter", "--resume", "auto"))
+    message = str(error.value)
+    assert message.startswith(f"--resume {path} is another run") and "--connection" in message \
+        and f"{first} is missing from the checkpoint" in message, message
+    assert os.listdir(tmp_path / "adapter") == ["checkpoint.pt"]
+
 
 # ------------------------------------------------------------------------------------------------
 # A full disk: one line naming the file and the OS's reason, the old file intact, no temp left
