@@ -58,6 +58,11 @@ CHECKPOINT_KEYS = ("model", "config", "clip_weights")   # what every train.py ch
 InputError, WeightsError = data.InputError, cw.WeightsError
 
 
+class NonFiniteScores(InputError):
+    """Class scores that are NaN or inf: finite weights so large that the forward overflows.
+    An accuracy from them would be an artefact of argmax over NaN; main names the checkpoint."""
+
+
 def one_line(error, limit=200):
     """An exception as one short line, for messages about files that are not what they claim."""
     return " ".join(f"{type(error).__name__}: {error}".split())[:limit]
@@ -345,6 +350,12 @@ def evaluate(model, dataset, class_features, device, batch_size, distributed=Fal
         skipped = [s for _, part in gathered for s in part]
     model.train(was_training)
     results.sort(key=lambda r: r[0])
+    overflowed = [r[0] for r in results if not torch.isfinite(r[2]).all()]  # after the gather:
+    if overflowed:                                                        # every rank agrees
+        raise NonFiniteScores(
+            f"the model's class scores are NaN or inf for {len(overflowed)} of {len(results)} "
+            f"videos (the first: {dataset.samples[overflowed[0]][0]}): its weights overflow the "
+            "forward; no accuracy computed from them. Evaluate an earlier checkpoint")
     indices = [r[0] for r in results]
     if len(set(indices)) != len(indices):
         raise RuntimeError("a video was scored twice: the shards overlap")
@@ -429,6 +440,9 @@ def predict(model, video, class_names, template, device, features=None):
     if features is None:
         features = text_features(model, class_names, template, device)
     probs = view_probabilities(model, video[None].to(device), features)[0]   # (C,)
+    if not torch.isfinite(probs).all():
+        raise NonFiniteScores("the model's class scores for the video are NaN or inf: its "
+                              "weights overflow the forward. Evaluate an earlier checkpoint")
     order = probs.argsort(descending=True).tolist()
     return [(class_names[i], float(probs[i])) for i in order]
 
@@ -1195,6 +1209,9 @@ def main(argv=None):
                 save_image(image, confusion_path(args.json))
                 print(f"wrote {args.json} and {confusion_path(args.json)}")
         return report
+    except NonFiniteScores as error:  # one line that names the file the weights came from
+        raise NonFiniteScores(f"{args.checkpoint}: {error}" if args.checkpoint
+                              else str(error)) from None
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -225,6 +225,12 @@ def test_a_loss_that_turns_non_finite_stops_the_run_with_one_line_and_saves_noth
     assert f"the last good checkpoint is {path} (step 4)" in err and "--lr" in err, err
     assert path.read_bytes() == before                  # nothing saved over it
     nothing_left_over(tmp_path / "run")
+    # eval.py on those weights: NaN scores, where it printed an accuracy (argmax over NaN)
+    status, out, err = run_script("eval.py", [
+        "--checkpoint", path, "--dataset", "hmdb51", "--data-root", dataset, "--views", "1x1",
+        "--num-workers", "0"], monkeypatch, capsys)
+    assert status == 2 and "top-1" not in out and err.count("\n") == 1, (out, err)
+    assert err.startswith(f"error: {path}: the model's class scores are NaN or inf"), err
     # the save itself refuses NaN, whoever calls it, and leaves the old file as it was
     with pytest.raises(train.Diverged, match=r"model\['w'\] holds NaN or inf"):
         train.save_checkpoint(str(path), dict(model=dict(w=torch.tensor([1.0, float("nan")]))))
