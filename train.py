@@ -876,6 +876,9 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    # from the run's first file to the loop's end, SIGTERM/SIGINT save at the step's end (a
+    # folder holding config.json could not start again with the same command)
+    stop.message = None
     # rank 0 writes every file; on_rank0 tells every rank whether it could (a full disk stops
     # them all with one line, where the others would wait for rank 0 at the next step)
     on_rank0(lambda: evaluation.write_json(run.path("config.json"), dict(
@@ -942,7 +945,6 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     window = torch.zeros(4, dtype=torch.float64, device=device)  # since the last step log line
     window_time, skipped_total, lr, data_wait = time.time(), 0, 0.0, 0.0
     bars = master_process and sys.stderr.isatty()  # redirected output gets the log lines only
-    stop.message = None  # from here to the loop's end, SIGTERM/SIGINT save at the step's end
     for epoch in range(step // steps_per_epoch, args.epochs):
         done = step - epoch * steps_per_epoch   # steps of this epoch before a resume
         # K clips per video: the videos of K epochs are one permutation, dealt 1/K an epoch

@@ -154,6 +154,26 @@ def test_sigterm_saves_the_step_and_resume_auto_ends_bitwise_as_the_unbroken_run
     nothing_left_over(out)
 
 
+def test_sigterm_once_the_run_folder_has_files_saves_a_step_it_can_continue(
+        dataset, tmp_path, monkeypatch, capsys):
+    """A signal while config.json is written stopped at once with "run the same command again",
+    which then refused the folder (it holds a run); from the first file on, a signal lets the
+    step finish and saves it."""
+    out, write_json = tmp_path / "run", evaluation.write_json
+
+    def write_then_signal(path, report):
+        write_json(path, report)
+        if path.endswith("config.json"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(evaluation, "write_json", write_then_signal)
+    with pytest.raises(SystemExit) as stop:
+        train.main(small(dataset, out))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 1 of 8" in capsys.readouterr().out
+    assert load(out / "checkpoint.pt")["step"] == 1
+    nothing_left_over(out)
+
+
 def torchrun(root, out, *extra):
     """2 processes (gloo): global batch 4 = 1 per process x 2 x 2 accumulation steps; 1 epoch.
     --standalone: a free port of its own, so two runs (and other tests') can run side by side."""
