@@ -669,6 +669,15 @@ def loader_workers(workers):
     return 0 if limited else workers
 
 
+def leave_signals_to_main(worker_id):
+    """A loader worker's init: SIGTERM/SIGINT are left to the main process. A scheduler signals
+    every process of a job; a worker killed by it made the main process print torch's
+    "DataLoader worker ... is killed by signal" traceback over its own one-line stop."""
+    import signal
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def collate(items):
     """Stack the good items; list the bad ones in `errors` (a batch may end up empty). An item
     may be a list of items (several clips of one video)."""

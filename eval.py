@@ -330,7 +330,7 @@ def evaluate(model, dataset, class_features, device, batch_size, distributed=Fal
     shard = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False,
                         num_workers=data.loader_workers(num_workers),
-                        collate_fn=data.collate)
+                        collate_fn=data.collate, worker_init_fn=data.leave_signals_to_main)
     class_features = class_features.to(device)
     results, skipped = [], []   # results: (video index, label, probabilities (C,))
     for batch in loader:

@@ -174,6 +174,28 @@ def test_sigterm_once_the_run_folder_has_files_saves_a_step_it_can_continue(
     nothing_left_over(out)
 
 
+class _WorkerSignals(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+
+def test_evaluation_workers_leave_sigterm_to_the_main_process(monkeypatch):
+    """A scheduler's SIGTERM to the job's process group killed the final evaluation's loader
+    workers, and torch printed "DataLoader worker ... is killed by signal" with a traceback over
+    train.py's one line. Its workers now ignore the signal; the main process stops them."""
+    made = []
+    real = evaluation.DataLoader
+    monkeypatch.setattr(evaluation, "DataLoader", lambda *a, **k: made.append(k) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluation.evaluate(torch.nn.Linear(1, 1), [], torch.zeros(2, 4), "cpu", 1,
+                            num_workers=1)
+    loader = real(_WorkerSignals(), num_workers=1, worker_init_fn=made[0]["worker_init_fn"])
+    assert list(loader) == [torch.tensor([True])]
+
+
 def torchrun(root, out, *extra):
     """2 processes (gloo): global batch 4 = 1 per process x 2 x 2 accumulation steps; 1 epoch.
     --standalone: a free port of its own, so two runs (and other tests') can run side by side."""
