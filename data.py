@@ -276,7 +276,7 @@ def read_frames(path, choose_indices, decode_all=False):
     where that cannot be done safely, or with decode_all (the doctor), every frame up to the
     last one chosen is decoded in order (`_decode_in_order`). Both return the same pixels."""
     with _open_video(path) as (container, stream):
-        size = stream.codec_context.width, stream.codec_context.height  # the first frame's
+        size = stream.codec_context.width, stream.codec_context.height  # the header's
         packets, times, held = (None if decode_all else []), [], 0  # the doctor holds none
         for packet in container.demux(stream):
             if packet.size:
@@ -299,14 +299,20 @@ def read_frames(path, choose_indices, decode_all=False):
                 container.seek(0)
                 packets = (packet for packet in container.demux(stream) if packet.size)
             arrays = _decode_in_order(path, stream.codec_context, packets, indices, listed)
-    return np.stack([_at_size(arrays[i], *size) for i in indices])
+    chosen = [arrays[i] for i in indices]
+    if len({array.shape for array in chosen}) > 1:  # the stream changed its size midway
+        width, height = size if all(size) else chosen[0].shape[1::-1]
+        chosen = [_at_size(array, width, height) for array in chosen]
+    return np.stack(chosen)
 
 
 def _at_size(array, width, height):
-    """A frame (H, W, 3) at the video's first frame's size. A stream may change its size
-    midway (a phone's resolution switch, segments joined): the later frames are scaled to the
-    first's (bilinear), so one video gives one size, as a player shows it."""
-    if not width or not height or array.shape[:2] == (height, width):
+    """A frame (H, W, 3) at the stream's first size (its header's). A stream may change its
+    size midway (a phone's resolution switch, segments joined): a clip that spans the change
+    gets its later frames scaled to the first size (bilinear), as a player shows them. Frames
+    of one size are never touched (a header whose size differs from every frame's changes
+    nothing)."""
+    if array.shape[:2] == (height, width):
         return array
     frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
     return frame.reformat(width, height, interpolation="BILINEAR").to_ndarray(format="rgb24")

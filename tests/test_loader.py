@@ -78,8 +78,9 @@ def test_read_frames_is_bit_identical_to_a_full_decode(tmp_path, name, monkeypat
 
 def test_a_stream_that_changes_its_size_midway_decodes_at_the_first_frames_size(tmp_path):
     """Two H.264 segments of different sizes in one stream (a phone's resolution switch, clips
-    joined without re-encoding): every frame comes at the first frame's size, the first
-    segment's bit for bit (np.stack of both sizes was a ValueError traceback in the doctor)."""
+    joined without re-encoding): a clip that spans the change comes at the first size, the
+    first segment's frames bit for bit (np.stack of both sizes was a ValueError traceback in
+    the doctor); a clip inside one segment is that segment's frames, untouched."""
     segments = []
     for i, (width, height) in enumerate([(64, 48), (96, 72)]):
         raw = str(tmp_path / f"{i}.h264")
@@ -107,6 +108,8 @@ def test_a_stream_that_changes_its_size_midway_decodes_at_the_first_frames_size(
     assert frames.shape == (4, 48, 64, 3)
     assert np.array_equal(frames[0], reference[0]) and np.array_equal(frames[1], reference[11])
     assert abs(frames[3].astype(int).mean() - reference[23].astype(int).mean()) < 8  # scaled
+    late = data.read_frames(path, lambda n: [12, 23])
+    assert np.array_equal(late[0], reference[12]) and np.array_equal(late[1], reference[23])
 
 
 class _LyingContainer:
