@@ -666,13 +666,14 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 def loader_workers(workers):
-    """`workers`, or 0 under a file-size limit (`ulimit -f`, RLIMIT_FSIZE: how a full disk is
-    simulated). A loader worker hands each batch over in a shared-memory file, which the limit
-    caps as well: the batch would be lost in the worker and the main process wait for it forever.
-    Loading in the main process gives the same batches (the sampling depends on positions only)."""
+    """`workers`, or 0 under a file-size limit below 4 GiB (`ulimit -f`, RLIMIT_FSIZE: how a
+    full disk is simulated). A loader worker hands each batch over in a shared-memory file, which
+    the limit caps as well: a batch over it was lost in the worker and the main process waited
+    for it forever. Loading in the main process gives the same batches (the sampling depends on
+    positions only). A micro-batch is at most ~0.6 GB (32 clips x 32 frames at 224 px, fp32)."""
     import resource
-    limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
-    return 0 if limited else workers
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return 0 if limit != resource.RLIM_INFINITY and limit < 4 * 2 ** 30 else workers
 
 
 def leave_signals_to_main(worker_id):
