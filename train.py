@@ -816,13 +816,6 @@ class StopSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    @staticmethod
-    def ignore_in_worker(worker_id):
-        """A loader worker leaves SIGTERM/SIGINT to the main process: a scheduler signals every
-        process of a job, and a worker killed by it would end the run mid-step, unsaved."""
-        for s in StopSignal.SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-
 
 def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command, stop):
     master_process = rank == 0  # the one process that prints and writes files
@@ -871,7 +864,7 @@ def train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, c
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=workers,
         pin_memory=cuda, persistent_workers=workers > 0,
-        prefetch_factor=2 if workers else None, worker_init_fn=StopSignal.ignore_in_worker,
+        prefetch_factor=2 if workers else None, worker_init_fn=data.leave_signals_to_main,
         generator=torch.Generator().manual_seed(derive_seed(args.seed, rank)))
     steps_per_epoch = max(1, len(dataset) // args.batch_size)
     total_steps = args.epochs * steps_per_epoch
