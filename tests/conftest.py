@@ -67,6 +67,23 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A model test that fails by an error other than an AssertionError (a RuntimeError from a shape
+    mismatch in the file under test, its NotImplementedError) fails as an AssertionError naming the
+    equations the test carries, the error chained below it with its own traceback."""
+    outcome = yield
+    error = outcome.excinfo[1] if outcome.excinfo else None
+    if (not isinstance(error, Exception) or isinstance(error, AssertionError)
+            or item.path.name not in MODEL_TEST_FILES or not hasattr(outcome, "force_exception")):
+        return
+    parts = [MARKERS[m.name] for m in item.iter_markers() if m.name in MARKERS]
+    named = AssertionError(f"{'; '.join(dict.fromkeys(parts)) or item.name}: "
+                           f"{type(error).__name__}: {error}")
+    named.__cause__ = error
+    outcome.force_exception(named)
+
+
 def pytest_report_header(config):
     impl = config.getoption("--impl")
     if impl:
