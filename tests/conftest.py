@@ -71,15 +71,26 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_runtest_call(item):
     """A model test that fails by an error other than an AssertionError (a RuntimeError from a shape
     mismatch in the file under test, its NotImplementedError) fails as an AssertionError naming the
-    equations the test carries, the error chained below it with its own traceback."""
+    equations the test carries and the line of the tested file that raised it, the error chained
+    below it with its own traceback."""
     outcome = yield
     error = outcome.excinfo[1] if outcome.excinfo else None
     if (not isinstance(error, Exception) or isinstance(error, AssertionError)
             or item.path.name not in MODEL_TEST_FILES or not hasattr(outcome, "force_exception")):
         return
     parts = [MARKERS[m.name] for m in item.iter_markers() if m.name in MARKERS]
-    named = AssertionError(f"{'; '.join(dict.fromkeys(parts)) or item.name}: "
-                           f"{type(error).__name__}: {error}")
+    said = (f": {error}" if str(error)
+            else " (not written yet)" if isinstance(error, NotImplementedError) else "")
+    tested = os.path.abspath(getattr(sys.modules.get("omniclip"), "__file__", "") or "")
+    where, tb = "", error.__traceback__
+    while tb is not None:                                   # the innermost line of the file under test
+        code = tb.tb_frame.f_code
+        if os.path.abspath(code.co_filename) == tested:
+            where = (f", raised in {os.path.basename(tested)} line {tb.tb_lineno} "
+                     f"({getattr(code, 'co_qualname', code.co_name)})")
+        tb = tb.tb_next
+    equations = "; ".join(dict.fromkeys(parts)) or item.name
+    named = AssertionError(f"{equations}: {type(error).__name__}{said}{where}")
     named.__cause__ = error
     outcome.force_exception(named)
 
