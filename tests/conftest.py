@@ -18,6 +18,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_TEST_FILES = ("test_omniclip.py", "test_variants.py", "test_misreadings.py")
+# The part of the paper each class or function of omniclip.py computes: an error raised in a
+# learner's file is named by the part whose code raised it.
+PART_OF_CODE = {"embed_frames": "eq1", "VisionTransformer": "eq1", "SpatialTemporalBlock": "eq4",
+                "FrameAggregation": "eq5", "SelfPromptGenerator": "eq6", "ParallelTemporalAdapter": "eq7",
+                "cosine_logits": "eq8", "video_loss": "eq9", "VideoSpecificPrompt": "prompts",
+                "XCLIPPrompt": "prompts", "PromptBlock": "prompts"}
 MARKERS = {
     "eq1": "Eq. (1): V0 = X0 + PE + TE, the temporal embedding",
     "eq2": "Eq. (2): V_s = ViT(V), the frozen CLIP layer",
@@ -65,6 +71,37 @@ def pytest_ignore_collect(collection_path, config):
     if config.getoption("--impl") and collection_path.is_file():
         return collection_path.name not in MODEL_TEST_FILES
     return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A model test that fails by an error other than an AssertionError (a RuntimeError from a shape
+    mismatch in the file under test, its NotImplementedError) fails as an AssertionError naming the
+    equations the test carries and the line of the tested file that raised it, the error chained
+    below it with its own traceback."""
+    outcome = yield
+    error = outcome.excinfo[1] if outcome.excinfo else None
+    if (not isinstance(error, Exception) or isinstance(error, AssertionError)
+            or item.path.name not in MODEL_TEST_FILES or not hasattr(outcome, "force_exception")):
+        return
+    parts = [MARKERS[m.name] for m in item.iter_markers() if m.name in MARKERS]
+    said = (f": {error}" if str(error)
+            else " (not written yet)" if isinstance(error, NotImplementedError) else "")
+    tested = os.path.abspath(getattr(sys.modules.get("omniclip"), "__file__", "") or "")
+    where, raiser, tb = "", None, error.__traceback__
+    while tb is not None:                                   # the innermost line of the file under test
+        code = tb.tb_frame.f_code
+        if os.path.abspath(code.co_filename) == tested:
+            qualname = getattr(code, "co_qualname", code.co_name)
+            where = f", raised in {os.path.basename(tested)} line {tb.tb_lineno} ({qualname})"
+            raiser = next((PART_OF_CODE[n] for n in qualname.split(".") if n in PART_OF_CODE), raiser)
+        tb = tb.tb_next
+    equations = "; ".join(dict.fromkeys(parts)) or item.name
+    if raiser is not None:                                  # the part whose code raised
+        equations = MARKERS[raiser] + ("" if MARKERS[raiser] in parts else f" (in a test of {equations})")
+    named = AssertionError(f"{equations}: {type(error).__name__}{said}{where}")
+    named.__cause__ = error
+    outcome.force_exception(named)
 
 
 def pytest_report_header(config):

@@ -71,8 +71,8 @@ def randomize(module, seed=1, scale=0.2, clip_norms=True):
         for name, p in module.named_parameters():
             if p.requires_grad or (clip_norms and (".ln" in f".{name}" or "logit_scale" in name)):
                 noise = scale * torch.randn(p.shape, generator=g)
-                if p.dim() == 2 and "weight" in name:
-                    noise /= math.sqrt(p.shape[1])
+                if p.dim() >= 2 and "weight" in name:         # a Linear's, or a 1x1 convolution's
+                    noise /= math.sqrt(p[0].numel())
                 p.add_(noise)
     return module
 
@@ -132,18 +132,33 @@ def assert_gradients_match(got, expected, wrt, what):
 
 
 def assert_values_and_gradients(got, expected, what, inputs=None, module=None):
-    """Values, then the gradients of the inputs (name -> tensor) and of the module's trainable
-    parameters, whatever they are called."""
+    """Values, then the gradients of the inputs (name -> tensor) and of the module's parameters,
+    whatever they are called: every parameter of a new module trains."""
     assert_matches(got, expected, what)
     wrt = dict(inputs or {})
     if module is not None:
-        wrt.update({f"parameter {n}": p for n, p in module.named_parameters() if p.requires_grad})
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        check(not frozen, what, f"parameter {', '.join(frozen[:3])} does not train (requires_grad False)")
+        wrt.update({f"parameter {n}": p for n, p in module.named_parameters()})
     assert_gradients_match(got, expected, wrt, what)
 
 
 def check(condition, what, detail):
     if not condition:
         raise AssertionError(f"{what}: {detail}")
+
+
+def temporal_embedding(model, what="Eq. (1)"):
+    """TE's T·D values, frame-major, however they are stored: a tensor (T, D), (1, T, 1, D), ...,
+    or a module holding one tensor (an nn.Embedding(T, D): its weight)."""
+    te = needs(model, "temporal_embedding", what)
+    if isinstance(te, nn.Module):
+        tensors = list(te.parameters()) + list(te.buffers())
+        check(len(tensors) == 1, what, f"temporal_embedding is a {type(te).__name__} holding "
+                                       f"{len(tensors)} tensors: the test reads TE from one (T, D) table")
+        te = tensors[0]
+    check(isinstance(te, torch.Tensor), what, f"temporal_embedding is a {type(te).__name__}, not a tensor")
+    return te
 
 
 def needs(obj, name, what):
@@ -166,9 +181,19 @@ def needs(obj, name, what):
 # Linears it holds in order, and an attention module its query, key, value and output projections
 # in whichever of the common layouts it uses (`attention_weights`).
 
-def linear(x, layer):
+def weight_matrix(layer, what="a Linear"):
+    """The (out, in) matrix of an nn.Linear, or of a 1x1 convolution (nn.Conv1d(k=1): (out, in, 1))."""
+    W = needs(layer, "weight", what)
+    if W.dim() > 2 and math.prod(W.shape[2:]) == 1:
+        W = W.reshape(W.shape[0], -1)
+    check(W.dim() == 2, what, f"{type(layer).__name__} has a weight of shape {tuple(W.shape)}: the test "
+                              f"reads it as a Linear's (out, in) matrix")
+    return W
+
+
+def linear(x, layer, what="a Linear"):
     bias = getattr(layer, "bias", None)
-    return torch.einsum("...i,oi->...o", x, layer.weight) + (0 if bias is None else bias)
+    return torch.einsum("...i,oi->...o", x, weight_matrix(layer, what)) + (0 if bias is None else bias)
 
 
 def linears(mlp, count, what):
@@ -288,7 +313,7 @@ def embed_frames_oracle(model, videos):
     x = F.conv2d(videos.flatten(0, 1), visual.conv1.weight, stride=P).flatten(2).transpose(1, 2)  # (B·T, K, D)
     x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B·T, 1+K, D)
     x = (x + visual.positional_embedding).unflatten(0, (B, T_))     # (B, T, 1+K, D)
-    te = model.temporal_embedding.reshape(T_, 1, -1)            # (T, 1, D)
+    te = temporal_embedding(model).reshape(T_, 1, -1)           # (T, 1, D)
     return (x + te).flatten(0, 1)
 
 
@@ -420,7 +445,7 @@ def eq1_oracle(model, x):
     visual = model.clip.visual
     P = visual.conv1.weight.shape[-1]
     W = visual.conv1.weight.reshape(D, -1)                      # (D, 3·P·P)
-    te = model.temporal_embedding.reshape(T, D)                 # however it is stored: (T, D)
+    te = temporal_embedding(model).reshape(T, D)                # however it is stored: (T, D)
     g = x.shape[-1] // P
     out = []
     for t in range(x.shape[1]):                                 # frame t of every video
@@ -446,7 +471,7 @@ def check_eq1_temporal_embedding(oc=omniclip):
 @pytest.mark.eq1
 def test_eq1_temporal_embedding_is_a_learnable_T_by_D_table_starting_at_zero():
     model = tiny_model()
-    te = needs(model, "temporal_embedding", "Eq. (1)")
+    te = temporal_embedding(model)
     assert te.squeeze().shape == (T, D) and te.requires_grad, "Eq. (1): TE is a learnable (T, D) table"
     assert torch.count_nonzero(te) == 0, "Eq. (1): TE starts at zero, so frames are CLIP's frames"
 
@@ -467,7 +492,7 @@ def test_eq1_te_tells_the_frames_of_a_still_video_apart():
     frames = seen[0].detach().unflatten(0, (B, T))              # (B, T, N, D)
     assert torch.allclose(frames[:, 0], frames[:, -1]), "Eq. (1): TE = 0 must leave frames equal"
     with torch.no_grad():
-        model.temporal_embedding.normal_()
+        temporal_embedding(model).normal_()
     seen.clear()
     run(model, still)
     frames = seen[0].detach().unflatten(0, (B, T))
@@ -578,8 +603,8 @@ def test_eq4_every_layer_is_a_spatial_temporal_block_in_order():
 def test_eq4_alpha_is_one_learnable_scalar_per_layer_starting_at_one():
     alphas = [needs(block, "alpha", "Eq. (4)") for block in tiny_model().blocks.values()]
     assert len(alphas) == 3 and len({id(a) for a in alphas}) == 3, "Eq. (4): one alpha per layer"
-    for a in alphas:                                            # stored as () or (1,): both a scalar
-        assert a.numel() == 1 and a.dim() <= 1, f"Eq. (4): alpha is one scalar, got shape {tuple(a.shape)}"
+    for a in alphas:                                            # (), (1,) or (1, 1, 1): one scalar
+        assert a.numel() == 1, f"Eq. (4): alpha is one scalar, got shape {tuple(a.shape)}"
         assert a.requires_grad and a.item() == 1.0, "Eq. (4): alpha is learnable and starts at 1"
 
 
@@ -618,8 +643,11 @@ def check_gradient_checkpointing(oc=omniclip):
     what = "gradient checkpointing (Eq. 4's layers): config.gradient_checkpointing=True"
     grads = []
     for flag in (False, True):
-        model = use_stand_ins(randomize(tiny_model(oc, gradient_checkpointing=flag, spg=False,
-                                                   video_prompts=False))).train()
+        model = tiny_model(oc, gradient_checkpointing=flag, spg=False, video_prompts=False)
+        clip = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("clip.")]
+        check(not clip, what if flag else "Eq. (2), the frozen CLIP",
+              f"CLIP's weights are frozen (requires_grad False), but {', '.join(clip[:3])} train")
+        model = use_stand_ins(randomize(model)).train()
         calls = []
         for vit in model.clip.visual.transformer.resblocks:
             vit.register_forward_pre_hook(lambda m, args: calls.append(m))
@@ -791,9 +819,9 @@ def eq7_oracle(pta, x, frames, what="Eq. (7)"):
         video = x[b * frames:(b + 1) * frames]                  # (T, N, D): the T frames of video b
         columns = []
         for n in range(x.shape[1]):
-            h = linear(video[:, n], down)                       # (T, d): Down
+            h = linear(video[:, n], down, what + ", Down")      # (T, d): Down
             h = attention(layer_norm(h, ln), attn, what=what)   # (T, d): Attn, over time
-            columns.append(linear(h, up))                       # (T, D): Up
+            columns.append(linear(h, up, what + ", Up"))        # (T, D): Up
         rows.append(torch.stack(columns, dim=1))                # (T, N, D)
     return torch.cat(rows)                                      # (B·T, N, D)
 
@@ -924,6 +952,8 @@ def prompts_oracle(vp, c, patches, what=PROMPTS_WHAT):
     blocks = [[needs(block, name, what) for name in ("ln_1", "attn", "ln_2", "mlp")]
               for block in needs(vp, "blocks", what)]
     ln, gamma = needs(vp, "ln", what), needs(vp, "gamma", what)
+    check(isinstance(gamma, nn.Parameter) and gamma.requires_grad, what,
+          "gamma is learnable (X-CLIP: an nn.Parameter, init 0.1), got a tensor that does not train")
     for p in patches:                                           # one video at a time: (K, E)
         kv = layer_norm(p, ln)
         x = c                                                   # (C, E): the queries
@@ -1090,6 +1120,15 @@ def test_eq9_loss_matches_its_oracle():
 PARTS = ("eq1", "eq4", "eq5", "eq6", "eq7", "eq8", "eq9", "prompts")
 
 
+def part_of(name):
+    """The part of the paper a model tensor belongs to, from its name."""
+    parts = (("temporal_embedding", "Eq. (1) TE"), ("spg", "Eq. (6) SPG"), ("frame_aggregation", "Eq. (5)"),
+             ("prompt_generator", "video-specific prompts"), ("clip.", "the frozen CLIP"))
+    if name.startswith("blocks."):
+        return "Eq. (4) alpha" if name.endswith("alpha") else "Eq. (7) PTA"
+    return next((part for prefix, part in parts if name.startswith(prefix)), name)
+
+
 def runs_every_part(test):
     """The markers of a test that runs the whole model: `pytest -m eq6` includes it."""
     for name in ("model",) + PARTS:
@@ -1126,14 +1165,17 @@ def test_model_trainable_tensors_are_exactly_the_adapters_and_all_get_gradients(
     loss = omniclip.video_loss(model.train()(videos(), class_features()), torch.tensor([1, 2]))
     loss.backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = sorted(set(model.trainable_state_dict()) - trainable)
+    assert not frozen, (f"{part_of(frozen[0])}: {frozen[0]} does not train (a buffer, or requires_grad "
+                        f"False): every new tensor is learnable, and a checkpoint holds exactly them")
     assert trainable == set(model.trainable_state_dict()), "a checkpoint holds the trainable tensors"
     assert {n.split(".")[0] for n in trainable} == {
         "temporal_embedding", "spg", "blocks", "frame_aggregation", "prompt_generator"}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} gets no gradient"
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{part_of(name)}: {name} gets no gradient"
         else:
-            assert name.startswith("clip.") and p.grad is None, f"{name} should be frozen CLIP"
+            assert name.startswith("clip.") and p.grad is None, f"{part_of(name)}: {name} should train"
 
 
 @runs_every_part
@@ -1146,6 +1188,7 @@ def test_model_trainable_state_dict_round_trip_is_strict():
     with pytest.raises(KeyError, match="missing"):
         tiny_model(pta_layers=[0]).load_trainable_state_dict(model.trainable_state_dict())
     state = model.trainable_state_dict()
-    state["temporal_embedding"] = torch.zeros(T + 1, D)
+    te = next(k for k in state if k.startswith("temporal_embedding"))   # (T, D), or an Embedding's weight
+    state[te] = torch.zeros(state[te].numel() + D)                      # one frame too many
     with pytest.raises(ValueError, match="temporal_embedding"):
         other.load_trainable_state_dict(state)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import omniclip as oc
-from test_omniclip import PARTS, attention_weights, in_prompt_order_of, linears
+from test_omniclip import PARTS, attention_weights, in_prompt_order_of, linears, temporal_embedding
 
 T = 4  # frames
 
@@ -127,7 +127,7 @@ def test_spg_per_layer_whole_path_matches_an_oracle():
     with torch.no_grad():
         got, _ = model.encode_frames(x_in)
         x = visual.embed(x_in.flatten(0, 1))                   # (B·T, 1+K, D)
-        x = x + model.temporal_embedding.reshape(T, -1).repeat(2, 1)[:, None]  # Eq. (1), frame t of each video
+        x = x + temporal_embedding(model).reshape(T, -1).repeat(2, 1)[:, None]  # Eq. (1): frame t
         x = torch.cat([x, projector(pool_2x2(x[:, 1:], g))], dim=1)
         x = visual.ln_pre(x)
         for i, vit in enumerate(visual.transformer.resblocks):
@@ -303,7 +303,8 @@ def test_xclip_prompt_generator_starts_as_xclips_code_does():
     assert abs(std - 0.02) < 0.002, f"prompts (xclip): weights std {std:.4f}, X-CLIP's is 0.02"
     assert abs(gen.visual_proj.std().item() - 1) < 0.05, "prompts (xclip): projection is torch.randn"
     assert gen.visual_proj.shape == (128, 128) and gen.visual_ln.weight.shape == (128,)
-    torch.testing.assert_close(gen.gamma, torch.full((128,), 0.1))
+    torch.testing.assert_close(gen.gamma, torch.full((128,), 0.1), msg=lambda m: (
+        f"prompts (xclip): gamma is X-CLIP's, one per channel (E,) starting at 0.1: {m}"))
     c, patches = class_features(), torch.randn(2, 16, 128)
     with torch.no_grad():
         assert not torch.allclose(gen(c, patches), 1.1 * c, atol=1e-3)
