@@ -436,6 +436,12 @@ def video_loss(logits, targets, label_smoothing=0.0):
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
+def last_linear(module):
+    """The last nn.Linear registered inside `module` (its output projection), or None."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 class OmniCLIP(nn.Module):
     def __init__(self, config: OmniCLIPConfig):
         super().__init__()
@@ -484,9 +490,12 @@ class OmniCLIP(nn.Module):
             elif isinstance(getattr(block.pta, "up", None), nn.Module):
                 zero.append(block.pta.up)         # the PTA's Up, or a fork's: V_t = 0 at init
             # an adapter with no `up` must add 0 at init by itself (a fork's: README, "Fork it")
-        zero.append(self.frame_aggregation.attn.out_proj)
-        if self.spg is not None and self.spg.projector is not None:   # its last Linear
-            zero.append([m for m in self.spg.projector.modules() if isinstance(m, nn.Linear)][-1])
+        # the output Linears below are found by type, not by name: the last Linear of a part is
+        # its output projection however a learner's file writes it (nn.MultiheadAttention's
+        # out_proj, or q, k, v, o Linears of its own)
+        zero.append(last_linear(self.frame_aggregation))
+        if self.spg is not None and self.spg.projector is not None:
+            zero.append(last_linear(self.spg.projector))
         if isinstance(self.prompt_generator, XCLIPPrompt):   # X-CLIP's prompt.py _init_weights
             for module in self.prompt_generator.modules():
                 if isinstance(module, nn.Linear):
@@ -496,9 +505,10 @@ class OmniCLIP(nn.Module):
                 elif getattr(module, "in_proj_weight", None) is not None:  # q, k, v: Linears too
                     nn.init.trunc_normal_(module.in_proj_weight, std=0.02)
         elif self.prompt_generator is not None:
-            for block in self.prompt_generator.blocks:
-                zero += [block.attn.out_proj, block.mlp.c_proj]
-        for layer in zero:
+            for block in self.prompt_generator.blocks:   # attention's and MLP's output Linears
+                zero += [last_linear(part) for part in block.children()
+                         if not isinstance(part, nn.Linear) and last_linear(part) is not None]
+        for layer in filter(None, zero):
             for p in layer.parameters():      # weight and bias, where there is one
                 nn.init.zeros_(p)
 
