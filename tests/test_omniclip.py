@@ -20,7 +20,8 @@ How these tests are built, so that they turn red on a wrong line and say which e
 
 Every test carries its equation's marker: `pytest -m eq7` runs exactly Eq. (7)'s tests, and
 `pytest --impl=my_omniclip.py -m eq7` runs them on your own file. All on CPU in seconds, with the
-`tiny` architecture (the same code path as ViT-B/16: D = E = 128, 4x4 patches), 3 layers deep.
+`tiny` architecture (the same code path as ViT-B/16: 4x4 patches, E = 128) at width D = 256, so the
+PTA is one 64-channel head, 3 layers deep.
 """
 import math
 
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 import omniclip
 
 T, B, C = 4, 2, 3          # frames, videos, classes in the tiny tests
-D = E = 128                # the tiny architecture's ViT width and joint embedding
+D, E = 256, 128            # ViT width (tiny's 128 doubled: the PTA is then 64 wide, one head of
+                           # 64 channels, as the paper's; a learner's `d // 64` heads works) and joint embedding
 K = 16                     # 64x64 pixels in 16x16 patches: a 4x4 grid
 PROMPTS = K // 4           # Eq. (6): one prompt per 2x2 block of patches
 
@@ -52,7 +54,8 @@ def one_thread():
 def tiny_config(oc=omniclip, **options):
     """The `tiny` architecture, with 3 ViT layers and a small text tower (these tests never run
     text): seconds per test on a shared CPU."""
-    arch = dict(oc.ARCHITECTURES["tiny"], vision_layers=3, vocab_size=1000, text_layers=1)
+    arch = dict(oc.ARCHITECTURES["tiny"], vision_layers=3, vision_width=options.pop("width", D),
+                vocab_size=1000, text_layers=1)
     return oc.OmniCLIPConfig(**arch, frames=options.pop("frames", T), **options)
 
 
@@ -514,7 +517,7 @@ def check_eq2_clip_layer(oc=omniclip, causal=False):
     model = tiny_model(oc)
     block = (model.clip.transformer if causal else model.clip.visual.transformer).resblocks[0]
     block = randomize(block.requires_grad_())
-    x = torch.randn(3, 6, D).requires_grad_()                   # (frames, tokens, D)
+    x = torch.randn(3, 6, block.ln_1.weight.shape[0]).requires_grad_()  # (frames, tokens, width)
     expected = []
     for seq in x:                                               # one frame at a time: (N, D)
         seq = seq + attention(layer_norm(seq, block.ln_1), block.attn, causal=causal)
@@ -873,10 +876,10 @@ def test_eq7_model_builds_a_pta_per_layer_with_up_at_zero():
 @pytest.mark.parametrize("ratio", [1 / 8, 1 / 2, 1])
 def test_eq7_table8_temporal_ratio_sets_the_bottleneck(ratio):
     check_eq7_pta(width=512, ratio=ratio)                       # 64, 256, 512 channels: 1, 4, 8 heads
-    for block in tiny_model(temporal_ratio=ratio).blocks.values():
+    for block in tiny_model(temporal_ratio=ratio, width=512).blocks.values():  # >= 64 channels
         if isinstance(block.pta, omniclip.ParallelTemporalAdapter):
             down = pta_parts(block.pta, "Table 8")[0]
-            assert down.weight.shape[0] == int(D * ratio), "Table 8: the config's ratio"
+            assert down.weight.shape[0] == int(512 * ratio), "Table 8: the config's ratio"
 
 
 @pytest.mark.eq7

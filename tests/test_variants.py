@@ -23,6 +23,8 @@ import omniclip as oc
 from test_omniclip import PARTS, attention_weights, in_prompt_order_of, linears, temporal_embedding
 
 T = 4  # frames
+W = 256  # the ViT width: tiny's 128 doubled, so the PTA (W/4) is one 64-channel head, as the
+         # paper's head width, however a learner counts heads (`d // 64`)
 
 
 def runs(*parts):
@@ -37,7 +39,7 @@ def runs(*parts):
 
 def tiny_model(**options):
     torch.manual_seed(0)
-    arch = dict(oc.ARCHITECTURES["tiny"], vocab_size=1000, text_layers=1)  # the text tower never runs here
+    arch = dict(oc.ARCHITECTURES["tiny"], vision_width=W, vocab_size=1000, text_layers=1)  # text never runs
     config = oc.OmniCLIPConfig(**arch, frames=T, **options)
     return oc.OmniCLIP(config).eval()
 
@@ -196,7 +198,7 @@ def test_table11_cascade_puts_st_adapter_in_series_before_each_frozen_block():
     assert model.adapter_name() == "STAdapter"
     block, vit = model.blocks["2"], model.clip.visual.transformer.resblocks[2]
     assert block.alpha is None, "Table 11 cascade: ST-Adapter has no alpha"
-    x = torch.randn(2 * T, 21, 128)
+    x = torch.randn(2 * T, 21, W)
     with torch.no_grad():
         assert torch.count_nonzero(block.pta(x, T)) == 0, "Table 11 cascade: ST-Adapter adds 0 at init"
         assert torch.count_nonzero(block.pta.up.weight) > 0, "Table 11 cascade: Up starts random"
@@ -302,7 +304,7 @@ def test_xclip_prompt_generator_starts_as_xclips_code_does():
     std = torch.cat([w.flatten() for w in weights]).std().item()
     assert abs(std - 0.02) < 0.002, f"prompts (xclip): weights std {std:.4f}, X-CLIP's is 0.02"
     assert abs(gen.visual_proj.std().item() - 1) < 0.05, "prompts (xclip): projection is torch.randn"
-    assert gen.visual_proj.shape == (128, 128) and gen.visual_ln.weight.shape == (128,)
+    assert gen.visual_proj.shape == (W, 128) and gen.visual_ln.weight.shape == (W,)
     torch.testing.assert_close(gen.gamma, torch.full((128,), 0.1), msg=lambda m: (
         f"prompts (xclip): gamma is X-CLIP's, one per channel (E,) starting at 0.1: {m}"))
     c, patches = class_features(), torch.randn(2, 16, 128)
@@ -398,11 +400,11 @@ class LinearTimeMix(nn.Module):
 def test_an_unknown_adapter_is_counted_and_named():
     model = tiny_model()
     for block in model.blocks.values():
-        block.pta = LinearTimeMix(128, T)
+        block.pta = LinearTimeMix(W, T)
     analytic = oc.analytic_macs(model.config, num_classes=5, adapter=model.blocks["0"].pta)
     assert model.adapter_name() == "LinearTimeMix" and "adapter:LinearTimeMix" in analytic
     N = 1 + 16 + 4
-    assert analytic["adapter:LinearTimeMix"] == 4 * (T * N * 2 * 128 * 8 + N * T * T * 8)
+    assert analytic["adapter:LinearTimeMix"] == 4 * (T * N * 2 * W * 8 + N * T * T * 8)
     assert_cost_model_holds(counted_macs(model, video(B=1), class_features()), analytic, 5, 128,
                             "with a fork's adapter")
 
