@@ -1359,6 +1359,21 @@ def benchmark(dataset, root, split=1, frames=8, model="ViT-B/16", gpu_json=None,
     import omniclip  # only here: the loader itself does not need the model
     if model not in omniclip.ARCHITECTURES:
         raise InputError(f"--model {model}: one of {', '.join(omniclip.ARCHITECTURES)}")
+    # the GPU's rate first: a bad --gpu-json is one line before any video is timed
+    if gpu_json:
+        with _parsing(gpu_json):
+            with open(gpu_json, encoding="utf-8") as f:
+                report = json.load(f)
+            gpu_rate = float(report["train_clips_per_s"])
+        source = (f"{gpu_json}: {report.get('device_name', 'GPU')}, {report.get('model')}, "
+                  f"T={report.get('frames')}, measured")
+    else:
+        config = omniclip.OmniCLIPConfig(**omniclip.ARCHITECTURES[model], frames=frames)
+        train_macs = TRAIN_OVER_FORWARD * omniclip.analytic_macs(config, 400)["total"]
+        gpu_rate = UTILISATION * H100_BF16_PEAK / (2 * train_macs)  # a multiply-add is 2 FLOPs
+        source = (f"H100 at {UTILISATION:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 "
+                  f"peak, {model}, T={frames}: {train_macs / 1e9:.1f} G multiply-adds a "
+                  "training clip")
     samples = split_lists(dataset, root, split)[0]["train"]
     chosen = [samples[round(k * (len(samples) - 1) / max(1, videos - 1))]
               for k in range(min(videos, len(samples)))]
@@ -1388,20 +1403,6 @@ def benchmark(dataset, root, split=1, frames=8, model="ViT-B/16", gpu_json=None,
         raise InputError(f"{dataset} at {root}: none of the {len(chosen)} videos decodes")
     ms = statistics.mean(costs)
     per_core = 1000 / ms
-    if gpu_json:
-        with _parsing(gpu_json):
-            with open(gpu_json, encoding="utf-8") as f:
-                report = json.load(f)
-            gpu_rate = float(report["train_clips_per_s"])
-        source = (f"{gpu_json}: {report.get('device_name', 'GPU')}, {report.get('model')}, "
-                  f"T={report.get('frames')}, measured")
-    else:
-        config = omniclip.OmniCLIPConfig(**omniclip.ARCHITECTURES[model], frames=frames)
-        train_macs = TRAIN_OVER_FORWARD * omniclip.analytic_macs(config, 400)["total"]
-        gpu_rate = UTILISATION * H100_BF16_PEAK / (2 * train_macs)  # a multiply-add is 2 FLOPs
-        source = (f"H100 at {UTILISATION:.0%} of its {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 "
-                  f"peak, {model}, T={frames}: {train_macs / 1e9:.1f} G multiply-adds a "
-                  "training clip")
     short = statistics.median(min(h, w) for h, w in shapes)
     gop = statistics.median(gops)
     print(f"{len(costs)} training clips (T={frames}, {size} px, one thread, median of 3): "
@@ -1484,6 +1485,8 @@ def main(argv=None):
                         help=f"--make-synthetic: classes, 1-{len(SYNTHETIC_CLASSES)} (6)")
     parser.add_argument("--per-class", type=int, default=12,
                         help="--make-synthetic: videos per class, about 70%% train (12)")
+    # a bad flag is one line naming it, as in train.py and eval.py, not argparse's usage block
+    parser.error = lambda message: parser.exit(2, f"error: {message} (python data.py --help)\n")
     args = parser.parse_args(argv)
     try:
         for flag in ("workers", "frames", "videos"):
