@@ -680,13 +680,15 @@ def test_model_gradient_checkpointing_reruns_the_layers_and_gives_the_same_gradi
 # The prompts carry no position, so their order is free: outputs are compared up to one order of
 # the prompt tokens, the same for every frame (a scrambled grid still fails: its values differ).
 
-def eq6_oracle(spg, patches, grid, pooling, projector, what="Eq. (6)"):
-    """(n, K, D) patches -> (n, ceil(g/2)^2, D) prompts, cell by cell of the pooled grid."""
+def eq6_oracle(spg, patches, grid, pooling, projector, what="Eq. (6)", ceil=True):
+    """(n, K, D) patches -> (n, ceil(g/2)^2, D) prompts, cell by cell of the pooled grid (or
+    floor(g/2)^2 with ceil=False: an odd grid's last row and column left out)."""
     n, _, width = patches.shape
     tokens = patches.reshape(n, grid, grid, width)              # patch k sits at (k // g, k % g)
     cells = []
-    for i in range(0, grid, 2):
-        for j in range(0, grid, 2):
+    end = grid if ceil else grid - grid % 2
+    for i in range(0, end, 2):
+        for j in range(0, end, 2):
             cell = tokens[:, i:i + 2, j:j + 2].reshape(n, -1, width)  # 4 patches, fewer at an odd edge
             cells.append(cell.mean(dim=1) if pooling == "avg" else cell.amax(dim=1))
     A = torch.stack(cells, dim=1)                               # (n, K/4, D): Avg(V0)
@@ -716,6 +718,11 @@ def check_eq6_spg(spg, grid=4, pooling="avg", projector=True, width=D):
     if not projector:
         check(not any(p.requires_grad for p in spg.parameters()), what, "projector=False must build no projector")
     expected = eq6_oracle(spg, patches, grid, pooling, projector, what)
+    if grid % 2 and isinstance(got, torch.Tensor) and got.shape[1] == (grid // 2) ** 2:
+        # an odd grid (ViT-B/32's 7x7) is where the paper is silent: our ceil (the edge cells
+        # pooled over what is there) or F.avg_pool2d's floor (the last row and column left out)
+        what += f", {grid}x{grid} grid pooled with floor"
+        expected = eq6_oracle(spg, patches, grid, pooling, projector, what, ceil=False)
     assert_values_and_gradients(in_prompt_order_of(got, expected), expected, what,
                                 {"the patches V0": patches}, spg)
 
@@ -789,8 +796,9 @@ def test_eq6_table9_unknown_pooling_is_refused():
 
 @pytest.mark.eq6
 @pytest.mark.spg
-def test_eq6_odd_patch_grid_pools_with_ceil():
-    """ViT-B/32 has a 7x7 grid: 4x4 prompts, the last row and column pooled over what is there."""
+def test_eq6_odd_patch_grid_pools_with_ceil_or_floor():
+    """ViT-B/32 has a 7x7 grid: ours makes 4x4 prompts, the last row and column pooled over what
+    is there; 3x3 prompts leaving them out (F.avg_pool2d's default) is the other reading."""
     for pooling in ("avg", "max"):
         check_eq6_spg(omniclip.SelfPromptGenerator(32, 5, pooling, True), 5, pooling, True, width=32)
 
