@@ -759,11 +759,13 @@ def main(argv=None):
         return train(args, run, model, inputs, ddp, rank, local_rank, world_size, device, command,
                      stop)
     except Stopped as stopped:  # a signal outside the steps: its line, and the signal's status
+        stop.message = None     # from here a second signal only sets the flag
         if rank == 0:
             print(stopped, flush=True)
         raise SystemExit(128 + stopped.signum) from None
     finally:
-        stop.restore()
+        if stop.received is None:  # once stopped, the handlers stay: a scheduler's second
+            stop.restore()         # SIGTERM must not kill the exit midway (status -15, no line)
         if run is not None and rank == 0:
             run.release()
         if ddp:
