@@ -154,3 +154,14 @@ def openai_model():
 @pytest.fixture(scope="session")
 def openai_tokenizer():
     return load_reference("simple_tokenizer")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors on shared cores: one thread is many times faster than several. A module opts
+    in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on shared cores: one thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def index_video(num_frames, width=64, height=48):

@@ -45,7 +45,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """3 classes x 8 videos in HMDB51's layout: 18 training, 6 test videos."""
+    """3 classes x 8 videos in HMDB51's layout: 18 training, 6 test videos. This module's own
+    copy (test_train.py makes the same): a test here damages one of its videos."""
     root = tmp_path_factory.mktemp("data") / "hmdb"
     data.make_synthetic_dataset(str(root), num_classes=3, videos_per_class=8, frames=8,
                                 size=(64, 48))
